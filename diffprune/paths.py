@@ -1,0 +1,150 @@
+"""The one place that knows where every artifact lives.
+
+Large artifacts go under `data/` (git-ignored, versioned by DVC); small results that the README
+shows go under `results/` (committed). Every function accepts Snakemake wildcard strings as well as
+values, so `manifest("{run}", "{seed}")` is the rule's output pattern and
+`manifest("random_r0.5", 0)` the concrete file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path("data")
+RESULTS = Path("results")
+LOGS = Path("logs")
+
+FULL = "full"
+_RUN_RE = re.compile(r"^(?P<method>[a-z0-9-]+)_r(?P<ratio>[0-9.]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    """One grid point: a selection method at a pruning ratio (fraction removed), or the baseline."""
+
+    method: str
+    ratio: float | None = None
+
+    @property
+    def name(self) -> str:
+        return FULL if self.method == FULL else f"{self.method}_r{self.ratio!r}"
+
+    @classmethod
+    def parse(cls, name: str) -> Run:
+        if name == FULL:
+            return cls(FULL)
+        match = _RUN_RE.match(name)
+        if not match:
+            raise ValueError(f"run id {name!r} is neither 'full' nor '<method>_r<ratio>'")
+        return cls(match["method"], float(match["ratio"]))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# download
+def store(split: str) -> Path:
+    return DATA / "store" / split
+
+
+def store_images(split: str) -> Path:
+    return store(split) / "images.npy"
+
+
+def store_index(split: str) -> Path:
+    return store(split) / "index.parquet"
+
+
+def store_meta(split: str) -> Path:
+    return store(split) / "store.json"
+
+
+# embed
+def embeddings() -> Path:
+    return DATA / "embed" / "embeddings.npy"
+
+
+def embeddings_meta() -> Path:
+    return DATA / "embed" / "embeddings.json"
+
+
+# cluster
+def clusters() -> Path:
+    return DATA / "cluster" / "clusters.parquet"
+
+
+def centroids() -> Path:
+    return DATA / "cluster" / "centroids.npy"
+
+
+def clusters_meta() -> Path:
+    return DATA / "cluster" / "clusters.json"
+
+
+# per run: select, train, sample, evaluate
+def run_dir(run: str, seed: int | str) -> Path:
+    return DATA / "runs" / str(run) / f"s{seed}"
+
+
+def manifest(run: str, seed: int | str) -> Path:
+    return run_dir(run, seed) / "manifest.parquet"
+
+
+def manifest_meta(run: str, seed: int | str) -> Path:
+    return run_dir(run, seed) / "manifest.json"
+
+
+def model(run: str, seed: int | str) -> Path:
+    """Final EMA weights in diffusers' save_pretrained layout (a folder)."""
+    return run_dir(run, seed) / "model"
+
+
+def checkpoints(run: str, seed: int | str) -> Path:
+    """Resumable training state; not a declared output, so a failed job keeps it."""
+    return DATA / "checkpoints" / str(run) / f"s{seed}"
+
+
+def train_log(run: str, seed: int | str) -> Path:
+    """dvclive folder with the training-loss curve."""
+    return run_dir(run, seed) / "dvclive"
+
+
+def samples(run: str, seed: int | str) -> Path:
+    return run_dir(run, seed) / "samples.npy"
+
+
+def sample_grid(run: str, seed: int | str) -> Path:
+    return RESULTS / "samples" / f"{run}_s{seed}.png"
+
+
+def metrics(run: str, seed: int | str) -> Path:
+    return RESULTS / "metrics" / str(run) / f"s{seed}.json"
+
+
+# evaluation references
+def classifier() -> Path:
+    return DATA / "classifier" / "model.pt"
+
+
+def classifier_metrics() -> Path:
+    return RESULTS / "classifier.json"
+
+
+def reference(feature: str) -> Path:
+    """Features and Gaussian statistics of the held-out real images in one feature space."""
+    return DATA / "reference" / f"{feature}.npz"
+
+
+# report
+def report_table(metric: str, ext: str) -> Path:
+    return RESULTS / f"{metric}.{ext}"
+
+
+def report_plot(metric: str) -> Path:
+    return RESULTS / f"{metric}.png"
+
+
+def log(rule: str, name: str = "") -> Path:
+    return LOGS / rule / f"{name or rule}.log"
