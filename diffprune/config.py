@@ -1,0 +1,104 @@
+"""Load params.yaml and check it against the JSON schema before any job starts.
+
+Errors name the key, the bad value and what is allowed, one line per problem, e.g.
+`params.yaml: train.steps = 0: must be >= 1`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from diffprune.errors import ConfigError
+from diffprune.paths import FULL, Run
+
+SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """Read and validate a params file; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    validate_params(params, source=str(path))
+    return params
+
+
+def validate_params(params: Any, *, source: str = "params.yaml") -> None:
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(params), key=lambda e: [str(p) for p in e.absolute_path])
+    problems = [_describe(error) for error in errors]
+    if not problems:
+        problems = _semantic_problems(params)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+
+
+def grid(params: dict[str, Any]) -> list[tuple[Run, int]]:
+    """Every (run, seed) of the study: the baseline, then methods x ratios, each per seed."""
+    study = params["study"]
+    runs = [Run(FULL)] if study["baseline"] else []
+    runs += [Run(m, float(r)) for m in study["methods"] for r in study["ratios"]]
+    return [(run, seed) for run in runs for seed in study["seeds"]]
+
+
+def _semantic_problems(params: dict[str, Any]) -> list[str]:
+    """Rules that cross keys, which the schema cannot say."""
+    problems = []
+    data, study = params["data"], params["study"]
+    if data["source"] in ("imagefolder",) and not data["path"]:
+        problems.append("data.path = null: the imagefolder source needs the folder of images")
+    if data["source"] == "huggingface" and not data.get("hf_name"):
+        problems.append("data.hf_name = null: the huggingface source needs a dataset id")
+    if not study["baseline"] and not (study["methods"] and study["ratios"]):
+        problems.append("study: the grid is empty; set baseline: true or give methods and ratios")
+    for ratio in study["ratios"]:
+        if float(repr(float(ratio))) != ratio or "e" in repr(float(ratio)):
+            problems.append(f"study.ratios: {ratio!r} cannot be written as a plain decimal run id")
+    if "inception" in params["evaluate"]["features"] and not params["evaluate"].get(
+        "inception_weights"
+    ):
+        problems.append(
+            "evaluate.features includes 'inception' but evaluate.inception_weights = null: "
+            "give the path of clean-fid's inception-2015-12-05.pt (no downloads here)"
+        )
+    return problems
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    value = error.instance
+    kind, arg = error.validator, error.validator_value
+    if kind == "enum":
+        return f"{key} = {value!r} is not allowed; allowed: {', '.join(map(str, arg))}"
+    if kind == "type":
+        expected = " or ".join(arg) if isinstance(arg, list) else arg
+        return f"{key} = {value!r} has the wrong type; expected {expected}"
+    if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+        return f"{key} = {value!r}: must be {op[kind]} {arg}"
+    if kind == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed))
+        return f"{key}: unknown key(s) {', '.join(extra)}; allowed: {', '.join(allowed)}"
+    if kind == "required":
+        return f"{key}: {error.message}"
+    if kind == "uniqueItems":
+        return f"{key} = {value!r}: items must be unique"
+    if kind == "minItems":
+        return f"{key} = {value!r}: needs at least {arg} item(s)"
+    if kind == "pattern":
+        allowed = error.schema.get("description", f"matching {arg}")
+        return f"{key} = {value!r} is not allowed; allowed: {allowed}"
+    if kind == "anyOf":
+        return f"{key} = {value!r}: must be a positive integer or null"
+    return f"{key} = {value!r}: {error.message}"

@@ -1,0 +1,61 @@
+# Shared by all rules: config validation, the study grid and input functions.
+from diffprune import paths
+from diffprune.config import grid, validate_params
+from diffprune.paths import FULL, Run
+from diffprune.select import needs
+
+validate_params(config, source="params.yaml (with --config overrides)")
+
+GRID = grid(config)
+SPLITS = ("train", "test")
+
+
+wildcard_constraints:
+    split="train|test",
+    run=r"full|[a-z0-9-]+_r[0-9.]+",
+    seed=r"\d+",
+    feature=r"[a-z0-9-]+",
+
+
+def store_files(split):
+    return [paths.store_images(split), paths.store_index(split), paths.store_meta(split)]
+
+
+def selection_inputs(wildcards):
+    """What a run's selection reads: clusters for cluster rules, a score file for score rules."""
+    inputs = {"index": paths.store_index("train")}
+    for need in needs(Run.parse(wildcards.run).method):
+        if need == "clusters":
+            inputs["clusters"] = paths.clusters()
+            inputs["clusters_meta"] = paths.clusters_meta()
+            inputs["embeddings_meta"] = paths.embeddings_meta()
+    return inputs
+
+
+def reference_inputs(wildcards):
+    inputs = {"store": store_files("test")}
+    if wildcards.feature == "classifier":
+        inputs["classifier"] = paths.classifier()
+    return inputs
+
+
+def evaluate_inputs(wildcards):
+    inputs = {
+        "samples": paths.samples(wildcards.run, wildcards.seed),
+        "manifest_meta": paths.manifest_meta(wildcards.run, wildcards.seed),
+        "model": paths.model(wildcards.run, wildcards.seed),
+        "references": [paths.reference(f) for f in config["evaluate"]["features"]],
+    }
+    if "classifier" in config["evaluate"]["features"]:
+        inputs["classifier"] = paths.classifier()
+    return inputs
+
+
+def report_outputs():
+    metric = config["report"]["metric"]
+    return [
+        paths.report_table(metric, "csv"),
+        paths.report_table(metric, "md"),
+        paths.report_plot(metric),
+        paths.report_table("summary", "csv"),
+    ]

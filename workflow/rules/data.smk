@@ -1,0 +1,15 @@
+rule download:
+    """Image store of one split: images.npy (uint8 NHWC), index.parquet, store.json."""
+    output:
+        images=paths.store_images("{split}"),
+        index=paths.store_index("{split}"),
+        meta=paths.store_meta("{split}"),
+    params:
+        data=config["data"],
+    log:
+        paths.log("download", "{split}"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/download.py"

@@ -1,0 +1,37 @@
+rule embed:
+    """One embedding per training image, in sample_id order."""
+    input:
+        store_files("train"),
+    output:
+        embeddings=paths.embeddings(),
+        meta=paths.embeddings_meta(),
+    params:
+        embed=config["embed"],
+    log:
+        paths.log("embed"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=1 if config["embed"]["device"] != "cpu" else 0,
+    script:
+        "../scripts/embed.py"
+
+
+rule cluster:
+    """faiss k-means on all embeddings: each sample's cluster and distance to its centroid."""
+    input:
+        embeddings=paths.embeddings(),
+        embeddings_meta=paths.embeddings_meta(),
+    output:
+        clusters=paths.clusters(),
+        centroids=paths.centroids(),
+        meta=paths.clusters_meta(),
+    params:
+        cluster=config["cluster"],
+    log:
+        paths.log("cluster"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+    script:
+        "../scripts/cluster.py"

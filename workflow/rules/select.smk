@@ -1,0 +1,17 @@
+rule select:
+    """Prune manifest of one run: every training sample with keep=True/False and the evidence."""
+    input:
+        unpack(selection_inputs),
+    output:
+        manifest=paths.manifest("{run}", "{seed}"),
+        meta=paths.manifest_meta("{run}", "{seed}"),
+    params:
+        select=config["select"],
+        cluster=config["cluster"],
+    log:
+        paths.log("select", "{run}_s{seed}"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/select.py"

@@ -1,0 +1,40 @@
+rule train:
+    """Diffusion model trained on the kept subset only, for the same number of steps every run."""
+    input:
+        store=store_files("train"),
+        manifest=paths.manifest("{run}", "{seed}"),
+    output:
+        model=directory(paths.model("{run}", "{seed}")),
+        log_dir=directory(paths.train_log("{run}", "{seed}")),
+    params:
+        train=config["train"],
+        checkpoints=lambda wildcards: paths.checkpoints(wildcards.run, wildcards.seed),
+    log:
+        paths.log("train", "{run}_s{seed}"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=1 if config["train"]["device"] != "cpu" else 0,
+        runtime=24 * 60,
+    script:
+        "../scripts/train.py"
+
+
+rule sample:
+    """Samples from the EMA weights (uint8, like the image store) and a PNG mosaic."""
+    input:
+        model=paths.model("{run}", "{seed}"),
+    output:
+        samples=paths.samples("{run}", "{seed}"),
+        grid=paths.sample_grid("{run}", "{seed}"),
+    params:
+        sample=config["sample"],
+        device=config["train"]["device"],
+    log:
+        paths.log("sample", "{run}_s{seed}"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=1 if config["train"]["device"] != "cpu" else 0,
+    script:
+        "../scripts/sample.py"

@@ -1,0 +1,31 @@
+"""Snakemake script for rule `cluster`: faiss k-means on the embeddings."""
+
+import numpy as np
+
+from diffprune import io
+from diffprune.cluster import clusters_frame, kmeans
+from diffprune.logs import setup
+
+setup(snakemake.log[0], threads=snakemake.threads)
+cfg = snakemake.params.cluster
+embeddings = np.load(snakemake.input.embeddings)
+clustering = kmeans(
+    embeddings,
+    k=cfg["k"],
+    iterations=cfg["iterations"],
+    seed=cfg["seed"],
+    device=cfg.get("device", "auto"),
+)
+io.save_parquet(snakemake.output.clusters, clusters_frame(clustering))
+io.save_npy(snakemake.output.centroids, clustering.centroids)
+sizes = np.bincount(clustering.assignments, minlength=cfg["k"])
+io.save_json(
+    snakemake.output.meta,
+    {
+        "k": cfg["k"],
+        "cluster_sizes": sizes.tolist(),
+        "seconds": clustering.seconds,
+        "embedder": io.load_json(snakemake.input.embeddings_meta)["model"],
+        "provenance": io.provenance(params=cfg, inputs={"embeddings": snakemake.input.embeddings}),
+    },
+)

@@ -1,0 +1,56 @@
+"""Snakemake script for rule `select`: write one run's prune manifest and its sidecar."""
+
+import numpy as np
+import pandas as pd
+
+from diffprune import io
+from diffprune.logs import setup, stopwatch
+from diffprune.paths import FULL, Run
+from diffprune.select import full_manifest, manifest_summary, select
+
+setup(snakemake.log[0])
+run, seed = Run.parse(snakemake.wildcards.run), int(snakemake.wildcards.seed)
+inputs = snakemake.input
+n = len(pd.read_parquet(inputs.index, columns=["sample_id"]))
+clusters = pd.read_parquet(inputs.clusters) if inputs.get("clusters") else None
+scores = np.load(inputs.scores) if inputs.get("scores") else None
+
+with stopwatch() as timing:
+    if run.method == FULL:
+        manifest = full_manifest(n)
+    else:
+        manifest = select(
+            run.method,
+            run.ratio,
+            n=n,
+            clusters=clusters,
+            scores=scores,
+            seed=seed,
+            balanced_order=snakemake.params.select.get("balanced_order", "furthest"),
+        )
+
+# The compute a selection cost includes the upstream stages it needed (the paper's cost argument).
+compute = {"select_seconds": timing["seconds"]}
+for name in ("embeddings_meta", "clusters_meta", "scores_meta"):
+    if inputs.get(name):
+        compute[name.replace("_meta", "_seconds")] = io.load_json(inputs.get(name))["seconds"]
+compute["total_seconds"] = sum(compute.values())
+
+io.save_parquet(snakemake.output.manifest, manifest)
+io.save_json(
+    snakemake.output.meta,
+    {
+        "run": run.name,
+        "method": run.method,
+        "ratio": run.ratio,
+        "seed": seed,
+        "k": snakemake.params.cluster["k"] if clusters is not None else None,
+        "embedder": io.load_json(inputs.embeddings_meta)["model"] if clusters is not None else None,
+        **manifest_summary(manifest),
+        "compute": compute,
+        "provenance": io.provenance(
+            params={"select": dict(snakemake.params.select), "run": run.name, "seed": seed},
+            inputs={k: v for k, v in inputs.items() if isinstance(v, str)},
+        ),
+    },
+)
