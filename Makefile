@@ -1,0 +1,51 @@
+# diffprune: `make run` runs the default study, `make test` the test suite. Both set up .venv.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data-deps run test lint bench dvc-repro clean-study help
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP) data-deps  ## create .venv and install diffprune with every dependency
+
+# torch and torchvision first and pinned: an unpinned torch pulled in by another package can
+# fetch a different multi-GB build (see ../shared/offline.md).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data-deps:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is available as root
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	else \
+		echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist'," \
+		     "or set data.path in params.yaml to a folder with the four .gz files" \
+		     "(with data.download: true the official files are fetched and checksummed)."; \
+	fi
+
+run: setup  ## run the default study (Snakemake), then record it in DVC without recomputing
+	$(BIN)/snakemake --cores all
+	$(BIN)/dvc commit --force --quiet
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: setup  ## ruff + snakemake --lint
+	$(BIN)/ruff check diffprune tests workflow/scripts
+	$(BIN)/ruff format --check diffprune tests workflow/scripts
+	$(BIN)/snakemake --lint
+
+bench: setup  ## benchmarks, written under results/bench/
+	$(BIN)/python benchmarks/run.py
+
+dvc-repro: setup  ## the same study through DVC
+	$(BIN)/dvc repro
