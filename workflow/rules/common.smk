@@ -24,7 +24,8 @@ def store_files(split):
 def selection_inputs(wildcards):
     """What a run's selection reads: clusters for cluster rules, a score file for score rules."""
     inputs = {"index": paths.store_index("train")}
-    for need in needs(Run.parse(wildcards.run).method):
+    method = Run.parse(wildcards.run).method
+    for need in () if method == FULL else needs(method):
         if need == "clusters":
             inputs["clusters"] = paths.clusters()
             inputs["clusters_meta"] = paths.clusters_meta()

@@ -1,0 +1,99 @@
+import copy
+
+import pytest
+import yaml
+
+from diffprune.config import grid, load_params, validate_params
+from diffprune.errors import ConfigError
+from diffprune.paths import Run
+
+DEFAULT = load_params("params.yaml")
+
+
+def params(**changes):
+    """The default params with dotted keys replaced (value DELETE removes the key)."""
+    result = copy.deepcopy(DEFAULT)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = result
+        for key in parents:
+            node = node[key]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return result
+
+
+DELETE = object()
+
+
+def error_of(p) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_params(p)
+    return str(info.value)
+
+
+def test_default_params_are_valid():
+    validate_params(DEFAULT)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"train__steps": 0}, "train.steps = 0: must be >= 1"),
+        ({"train__lr": "fast"}, "train.lr = 'fast' has the wrong type; expected number"),
+        ({"embed__model": "vgg16"}, "embed.model = 'vgg16' is not allowed; allowed: efficientnet"),
+        ({"study__ratios": [0.5, 1.0]}, "study.ratios.1 = 1.0: must be < 1"),
+        ({"study__ratios": [-0.1]}, "study.ratios.0 = -0.1: must be >= 0"),
+        ({"study__methods": ["kmeans-magic"]}, "study.methods.0 = 'kmeans-magic' is not allowed"),
+        ({"train__stepz": 5}, "train: unknown key(s) stepz; allowed:"),
+        ({"cluster__k": DELETE}, "cluster: 'k' is a required property"),
+        ({"data__train_size": -3}, "data.train_size = -3: must be a positive integer or null"),
+        ({"embed__device": "tpu"}, "embed.device = 'tpu' is not allowed; allowed: auto | cpu"),
+        ({"study__seeds": []}, "study.seeds = []: needs at least 1 item(s)"),
+        ({"data__source": "imagefolder"}, "data.path = null: the imagefolder source needs"),
+        ({"study__baseline": False, "study__methods": []}, "study: the grid is empty"),
+        ({"evaluate__features": ["inception"]}, "evaluate.inception_weights = null"),
+    ],
+)
+def test_bad_params_get_one_clear_line(changes, expected):
+    message = error_of(params(**changes))
+    assert expected in message
+    assert message.startswith("params.yaml: ")
+    assert len(message.splitlines()) == 1
+
+
+def test_every_problem_is_listed():
+    message = error_of(params(train__steps=0, sample__num_samples="many"))
+    assert len(message.splitlines()) == 2
+
+
+def test_load_params_reports_bad_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+    path.write_text(yaml.safe_dump(params(cluster__k=0)))
+    with pytest.raises(ConfigError, match=r"params.yaml: cluster.k = 0: must be >= 1"):
+        load_params(path)
+
+
+def test_grid_is_baseline_then_methods_by_ratio_per_seed():
+    p = params(
+        study__methods=["random", "cluster-nearest"], study__ratios=[0.25, 0.5], study__seeds=[0, 1]
+    )
+    names = [(run.name, seed) for run, seed in grid(p)]
+    assert names[:2] == [("full", 0), ("full", 1)]
+    assert ("cluster-nearest_r0.25", 1) in names
+    assert len(names) == 2 + 2 * 2 * 2
+
+
+@pytest.mark.parametrize("name", ["full", "random_r0.5", "cluster-furthest_r0.25", "el2n-mid_r0.9"])
+def test_run_ids_round_trip(name):
+    assert Run.parse(name).name == name
+
+
+def test_bad_run_id():
+    with pytest.raises(ValueError, match="neither 'full'"):
+        Run.parse("random-0.5")

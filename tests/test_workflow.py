@@ -1,0 +1,107 @@
+"""End to end: the tiny study through Snakemake, then DVC on the same artifacts."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffprune import paths
+from tests.workflow_helpers import (
+    dvc,
+    make_project,
+    planned_jobs,
+    snakemake,
+    tiny_params,
+    write_params,
+)
+
+pytestmark = pytest.mark.slow
+PER_RUN_RULES = {"select", "train", "sample", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny study run once by Snakemake; tests below only read it or dry-run against it."""
+    root = make_project(tmp_path_factory.mktemp("study"), tiny_params())
+    snakemake(root)
+    return root
+
+
+def test_study_outputs_hold_what_the_params_asked_for(study):
+    n = len(pd.read_parquet(study / paths.store_index("train")))
+    assert n == 120
+    random = pd.read_parquet(study / paths.manifest("random_r0.5", 0))
+    assert list(random.columns) == ["sample_id", "keep", "score", "cluster", "distance"]
+    assert random["keep"].sum() == 60 and len(random) == n
+    full = pd.read_parquet(study / paths.manifest("full", 0))
+    assert full["keep"].all()
+    balanced = pd.read_parquet(study / paths.manifest("cluster-balanced_r0.5", 0))
+    kept_per_cluster = balanced[balanced["keep"]].groupby("cluster").size()
+    assert kept_per_cluster.nunique() == 1 and len(kept_per_cluster) == 3
+
+    samples = np.load(study / paths.samples("random_r0.5", 0))
+    assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.uint8
+
+    metrics = json.loads((study / paths.metrics("cluster-furthest_r0.5", 0)).read_text())
+    furthest = pd.read_parquet(study / paths.manifest("cluster-furthest_r0.5", 0))
+    sizes = furthest.groupby("cluster").size()
+    assert metrics["n_kept"] == furthest["keep"].sum() == sum(size // 2 for size in sizes)
+    assert np.isfinite(metrics["fd_classifier"]) and metrics["fd_classifier"] > 0
+    assert np.isfinite(metrics["fd_efficientnet_lite0"])
+    assert metrics["num_samples"] == 16 and metrics["num_reference"] == 60
+
+    table = pd.read_csv(study / "results" / "fd_classifier.csv", index_col="method")
+    assert set(table.index) == {"full-data", "random", "cluster-furthest", "cluster-balanced"}
+    assert list(table.columns) == ["full", "0.5"]
+    assert (study / "results" / "fd_classifier.png").stat().st_size > 1000
+
+
+def test_second_run_does_nothing(study):
+    assert planned_jobs(study) == []
+
+
+def test_changing_one_ratio_reruns_only_that_ratio(study, tmp_path):
+    params = tiny_params(study={**tiny_params()["study"], "ratios": [0.5, 0.75]})
+    write_params(study, params)
+    try:
+        jobs = planned_jobs(study)
+    finally:
+        write_params(study, tiny_params())
+    per_run = [job for job in jobs if job["rule"] in PER_RUN_RULES]
+    assert {job["rule"] for job in jobs} == PER_RUN_RULES | {"report"}
+    assert {job["wildcards"]["run"] for job in per_run} == {
+        "random_r0.75",
+        "cluster-furthest_r0.75",
+        "cluster-balanced_r0.75",
+    }
+    assert len(per_run) == 3 * 4
+
+
+def test_dvc_records_a_snakemake_run_without_recomputing(study):
+    dvc(study, "init", "--quiet", check=False)
+    dvc(study, "commit", "--force", "--quiet")
+    status = dvc(study, "status").stdout
+    assert "Data and pipelines are up to date" in status
+    repro = dvc(study, "repro").stdout
+    assert "Running stage" not in repro
+
+
+def test_dvc_repro_rebuilds_the_same_bytes(study):
+    manifest = study / paths.manifest("cluster-furthest_r0.5", 0)
+    before = manifest.read_bytes()
+    manifest.unlink()
+    out = dvc(study, "repro", "--no-run-cache", "select@cluster-furthest-0.5-0").stdout
+    assert "Running stage 'select@cluster-furthest-0.5-0'" in out
+    assert manifest.read_bytes() == before
+
+
+def test_dvc_exp_show_lists_the_metric_per_run(study):
+    from tests.workflow_helpers import run
+
+    run(["git", "add", "-A"], study)
+    run(["git", "commit", "-qm", "tiny study"], study)
+    shown = json.loads(dvc(study, "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "results/metrics/random_r0.5/s0.json" in text
+    assert "fd_classifier" in text
