@@ -1,0 +1,388 @@
+"""Image stores: IDX reading and verification, downloads (served locally), folders, scaling."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from diffprune import data
+from diffprune.errors import ConfigError, DataError
+from diffprune.io import load_json
+
+DEBIAN = data.DEBIAN_FASHION_MNIST
+needs_debian = pytest.mark.skipif(
+    not (DEBIAN / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="apt-get install dataset-fashion-mnist",
+)
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def no_debian(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+
+
+# --------------------------------------------------------------------------------------- IDX
+def test_read_idx_raw_and_gzip(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(_idx_bytes(array))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(_idx_bytes(array)))
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a"), array)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a.gz"), array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    (tmp_path / "magic").write_bytes(b"\x12\x34\x08\x01" + b"\0" * 8)
+    with pytest.raises(DataError, match="not an IDX file"):
+        data.read_idx(tmp_path / "magic")
+    (tmp_path / "short").write_bytes(_idx_bytes(np.zeros((4, 2), np.uint8))[:-1])
+    with pytest.raises(DataError, match="IDX header says"):
+        data.read_idx(tmp_path / "short")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b but not gzip")
+    with pytest.raises(DataError, match="cannot read"):
+        data.read_idx(tmp_path / "bad.gz")
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+@needs_debian
+def test_load_fashion_mnist_debian():
+    images, labels, sources = data.load_fashion_mnist("test", download=False)
+    assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels[:5], [9, 2, 1, 1, 6])  # published first test labels
+    np.testing.assert_array_equal(np.bincount(labels), [1000] * 10)
+    assert sources[0] == "t10k-images-idx3-ubyte:0" and sources[-1].endswith(":9999")
+    assert len(data.FASHION_MNIST_CLASSES) == 10 and data.FASHION_MNIST_CLASSES[9] == "Ankle boot"
+
+
+@needs_debian
+def test_download_serves_official_urls_into_cache(monkeypatch, tmp_path, no_debian):
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        requested.append(url)
+        return open(DEBIAN / url.rsplit("/", 1)[1], "rb")
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    cache = tmp_path / "raw"
+    images, labels, _ = data.load_fashion_mnist("test", cache_dir=cache)
+    assert requested == [data.FASHION_MNIST_FILES[s]["url"] for s in TEST_FILES]
+    assert requested[0] == (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz"
+    )
+    assert sorted(p.name for p in cache.iterdir()) == [f"{s}.gz" for s in TEST_FILES]
+    np.testing.assert_array_equal(images[:, :, :, 0], data.read_idx(DEBIAN / f"{TEST_FILES[0]}.gz"))
+
+    # the cache is found before any download is tried
+    monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
+    again, again_labels, _ = data.load_fashion_mnist("test", download=False, cache_dir=cache)
+    np.testing.assert_array_equal(again, images)
+    np.testing.assert_array_equal(again_labels, labels)
+
+
+def test_download_with_wrong_content_leaves_nothing(monkeypatch, tmp_path, no_debian):
+    fake = gzip.compress(_idx_bytes(np.zeros((3, 28, 28), np.uint8)))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(fake))
+    cache = tmp_path / "raw"
+    with pytest.raises(DataError) as err:
+        data.load_fashion_mnist("test", cache_dir=cache)
+    message = str(err.value)
+    assert data.FASHION_MNIST_FILES[TEST_FILES[0]]["url"] in message
+    assert data.FASHION_MNIST_FILES[TEST_FILES[0]]["sha256"] in message
+    assert hashlib.sha256(gzip.decompress(fake)).hexdigest() in message
+    assert list(cache.iterdir()) == []  # no partial or unverified file
+
+
+def test_download_network_error_is_a_data_error(monkeypatch, tmp_path, no_debian):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("train", cache_dir=tmp_path / "raw")
+
+
+def test_nothing_found_without_download(tmp_path, no_debian):
+    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist, or set data.path"):
+        data.load_fashion_mnist("test", path=tmp_path, download=False, cache_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="allowed"):
+        data.load_fashion_mnist("valid", path=tmp_path, download=False)
+
+
+@needs_debian
+def test_corrupted_local_copy_names_file_and_hashes(tmp_path):
+    shutil.copy(DEBIAN / f"{TEST_FILES[0]}.gz", tmp_path)
+    raw = bytearray(gzip.decompress((DEBIAN / f"{TEST_FILES[1]}.gz").read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # still a valid IDX file, one label changed
+    (tmp_path / f"{TEST_FILES[1]}.gz").write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError) as err:
+        data.load_fashion_mnist("test", path=tmp_path, download=False)
+    message = str(err.value)
+    assert f"{TEST_FILES[1]}.gz" in message
+    assert data.FASHION_MNIST_FILES[TEST_FILES[1]]["sha256"] in message
+    assert hashlib.sha256(bytes(raw)).hexdigest() in message
+
+
+@needs_debian
+def test_build_store_subset_is_seeded_ordered_and_byte_identical(tmp_path):
+    kwargs = dict(source="fashion-mnist", split="test", size=300, seed=3, download=False)
+    meta = data.build_store(tmp_path / "a", **kwargs, progress=False)
+    data.build_store(tmp_path / "b", **kwargs, progress=False)
+    for name in ("images.npy", "index.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+    store = data.load_store(tmp_path / "a")
+    assert isinstance(store.images, np.memmap) and not store.images.flags.writeable
+    assert store.images.shape == (300, 28, 28, 1) and meta["shape"] == [300, 28, 28, 1]
+    index = store.index
+    assert list(index.columns) == ["sample_id", "label", "source"]
+    assert index["sample_id"].dtype == np.int64 and index["label"].dtype == np.int64
+    np.testing.assert_array_equal(index["sample_id"], np.arange(300))
+    rows = np.array([int(s.rsplit(":", 1)[1]) for s in index["source"]])
+    assert (np.diff(rows) > 0).all()  # source order kept
+    expected = np.sort(np.random.default_rng(3).choice(10000, size=300, replace=False))
+    np.testing.assert_array_equal(rows, expected)
+    full, labels, _ = data.load_fashion_mnist("test", download=False)
+    np.testing.assert_array_equal(store.images, full[rows])
+    np.testing.assert_array_equal(index["label"], labels[rows])
+    assert store.meta["class_names"] == data.FASHION_MNIST_CLASSES
+    assert set(store.meta["provenance"]["inputs"]) == {"images", "labels"}
+
+    other = data.build_store(tmp_path / "c", **{**kwargs, "seed": 4}, progress=False)
+    assert other["shape"] == meta["shape"]
+    assert not data.load_store(tmp_path / "c").index["source"].equals(index["source"])
+
+
+@needs_debian
+def test_build_store_resizes_and_converts_channels(tmp_path):
+    data.build_store(
+        tmp_path, source="fashion-mnist", split="test", size=5, image_size=16, channels=3,
+        download=False, progress=False,
+    )  # fmt: skip
+    store = data.load_store(tmp_path)
+    assert store.images.shape == (5, 16, 16, 3)
+    np.testing.assert_array_equal(store.images[..., 0], store.images[..., 2])
+
+
+def test_build_store_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="allowed"):
+        data.build_store(tmp_path, source="mnist", split="train")
+    with pytest.raises(ConfigError, match="allowed"):
+        data.build_store(tmp_path, source="fashion-mnist", split="val")
+    with pytest.raises(ConfigError, match="channels"):
+        data.build_store(tmp_path, source="imagefolder", split="train", path=tmp_path, channels=2)
+    with pytest.raises(ConfigError, match="size"):
+        data.subset_indices(10, size=11, seed=0)
+    with pytest.raises(DataError, match="missing"):
+        data.load_store(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------- imagefolder
+def _bands(width: int, height: int, colours) -> Image.Image:
+    """Vertical bands of equal width, one per colour."""
+    array = np.zeros((height, width, 3), np.uint8)
+    step = width // len(colours)
+    for i, colour in enumerate(colours):
+        array[:, i * step : (i + 1) * step] = colour
+    return Image.fromarray(array)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "images"
+    (root / "cats" / "nested").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    _bands(60, 10, [(255, 0, 0), (0, 255, 0), (0, 0, 255)]).save(root / "cats" / "wide.png")
+    Image.new("RGB", (12, 12), (10, 20, 30)).save(
+        root / "cats" / "nested" / "flat.jpg", quality=100
+    )
+    Image.new("L", (17, 33), 77).save(root / "dogs" / "gray.png")  # gray and an odd size
+    Image.new("RGB", (9, 9), (200, 100, 0)).save(root / "dogs" / "b.BMP")
+    (root / "dogs" / "broken.png").write_bytes(_png(Image.new("RGB", (8, 8)))[:40])
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    (root / "dogs" / ".hidden.png").write_bytes(b"ignored")
+    return root
+
+
+def test_load_imagefolder_classes_crop_and_bad_files(folder, caplog):
+    images, labels, sources, classes, bad = data.load_imagefolder(
+        folder, image_size=8, progress=False
+    )
+    assert sources == ["cats/nested/flat.jpg", "cats/wide.png", "dogs/b.BMP", "dogs/gray.png"]
+    assert classes == ["cats", "dogs"]
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1])
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
+    assert [b[0] for b in bad] == ["dogs/broken.png"] and bad[0][1]
+    assert "dogs/broken.png" in caplog.text
+    assert (images[1] == [0, 255, 0]).all()  # centre crop of red|green|blue is all green
+    assert (images[3] == 77).all()  # gray repeated to RGB
+    assert (images[2] == [200, 100, 0]).all()
+
+
+def test_load_imagefolder_gray_and_without_classes(folder):
+    (folder / "top.png").write_bytes(_png(Image.new("RGB", (5, 5), (255, 255, 255))))
+    images, labels, sources, classes, _ = data.load_imagefolder(
+        folder, image_size=6, channels=1, progress=False
+    )
+    assert classes is None and (labels == -1).all()
+    assert sources[-1] == "top.png" and images.shape == (5, 6, 6, 1)
+    assert (images[-1] == 255).all() and (images[sources.index("dogs/gray.png")] == 77).all()
+    (folder / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        data.load_imagefolder(folder / "empty", image_size=4)
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_imagefolder(folder / "missing", image_size=4)
+
+
+def test_build_store_imagefolder_holdout_is_disjoint(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(20):
+        Image.new("RGB", (10, 14), (i * 10, 0, 0)).save(root / f"{i:02d}.png")
+    (root / "zz_bad.jpg").write_bytes(b"garbage")
+    kwargs = dict(source="imagefolder", path=root, image_size=4, seed=1, test_fraction=0.25)
+    train = data.build_store(tmp_path / "train", split="train", **kwargs, progress=False)
+    test = data.build_store(tmp_path / "test", split="test", **kwargs, progress=False)
+    tr, te = data.load_store(tmp_path / "train"), data.load_store(tmp_path / "test")
+    assert len(tr) == 15 and len(te) == 5 and train["holdout"] and test["holdout"]
+    assert set(tr.index["source"]).isdisjoint(te.index["source"])
+    assert set(tr.index["source"]) | set(te.index["source"]) == {f"{i:02d}.png" for i in range(20)}
+    assert list(tr.index["source"]) == sorted(tr.index["source"])
+    assert train["bad_images"][0]["path"] == "zz_bad.jpg"
+    assert load_json(tmp_path / "test" / "store.json")["bad_images"][0]["path"] == "zz_bad.jpg"
+    assert (tr.index["label"] == -1).all() and train["class_names"] is None
+    # red channel encodes the file number: images follow their sources
+    numbers = tr.index["source"].str[:2].astype(int).to_numpy()
+    np.testing.assert_array_equal(tr.images[:, 0, 0, 0], numbers * 10)
+
+    small = data.build_store(tmp_path / "s", split="train", size=6, **kwargs, progress=False)
+    subset = data.load_store(tmp_path / "s").index["source"]
+    assert small["num_samples"] == 6 and set(subset) <= set(tr.index["source"])
+
+
+def test_build_store_imagefolder_with_split_folders(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        (tmp_path / split / "k").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (6, 6), (i, i, i)).save(tmp_path / split / "k" / f"{i}.png")
+    meta = data.build_store(
+        tmp_path / "out", source="imagefolder", split="test", path=tmp_path, image_size=6,
+        progress=False,
+    )  # fmt: skip
+    store = data.load_store(tmp_path / "out")
+    assert not meta["holdout"] and meta["class_names"] == ["k"]
+    assert list(store.index["source"]) == ["val/k/0.png", "val/k/1.png"]
+
+
+# ------------------------------------------------------------------------------ Hugging Face
+class _FakeClassLabel:
+    names = ("cat", "dog")
+
+
+class _FakeDataset:
+    """The small part of datasets.Dataset that the conversion uses."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.column_names = ["image", "label"]
+        self.features = {"image": object(), "label": _FakeClassLabel()}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_images_from_rows_converts_and_skips_bad():
+    rows = [
+        {"image": Image.new("RGB", (20, 10), (1, 2, 3)), "label": 1},
+        {"image": {"bytes": _png(Image.new("L", (4, 4), 9)), "path": None}, "label": 0},
+        {"image": {"bytes": b"broken", "path": None}, "label": 1},
+    ]
+    images, labels, sources, classes, bad = data.images_from_rows(
+        _FakeDataset(rows), prefix="x/train", image_size=4, label_column="label", progress=False
+    )
+    assert images.shape == (2, 4, 4, 3) and (images[0] == [1, 2, 3]).all()
+    assert (images[1] == 9).all()
+    np.testing.assert_array_equal(labels, [1, 0])
+    assert sources == ["x/train:0", "x/train:1"] and classes == ["cat", "dog"]
+    assert [b[0] for b in bad] == ["x/train:2"]
+    with pytest.raises(DataError, match="label column"):
+        data.images_from_rows(_FakeDataset(rows), prefix="x", image_size=4, label_column="y")
+
+
+def test_load_huggingface_without_datasets_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(DataError, match=r"pip install diffprune\[hub\]"):
+        data.load_huggingface("jxie/celeba-hq", "train", image_size=8)
+
+
+# -------------------------------------------------------------------------- model in and out
+def test_model_input_round_trips_exactly_at_native_resolution():
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 7, 7, 3), dtype=np.uint8)
+    for images in (every_value, rgb):
+        x = data.to_model_input(images, images.shape[1])
+        assert x.dtype == torch.float32 and x.shape == (
+            len(images),
+            images.shape[3],
+            *images.shape[1:3],
+        )
+        assert x.min() >= -1 and x.max() <= 1
+        np.testing.assert_array_equal(data.to_uint8(x), images)
+    assert data.to_model_input(every_value, 16)[0, 0, 0, 0] == -1.0
+    assert data.to_model_input(every_value, 16)[0, 0, -1, -1] == 1.0
+
+
+def test_model_input_resizes_with_antialiasing():
+    flat = np.full((2, 28, 28, 1), 200, np.uint8)
+    x = data.to_model_input(flat, 16)
+    assert x.shape == (2, 1, 16, 16)
+    np.testing.assert_array_equal(data.to_uint8(x), np.full((2, 16, 16, 1), 200, np.uint8))
+    stripes = np.zeros((1, 28, 28, 1), np.uint8)
+    stripes[:, :, ::2] = 255  # a pattern finer than 8x8 can hold: antialiasing averages it out
+    small = data.to_uint8(data.to_model_input(stripes, 7))
+    assert np.abs(small[:, :, 1:-1].astype(int) - 128).max() <= 2  # borders see one side only
+    out_of_range = torch.tensor([-3.0, 3.0]).view(1, 1, 1, 2)
+    np.testing.assert_array_equal(data.to_uint8(out_of_range)[0, 0, :, 0], [0, 255])
+    with pytest.raises(ValueError, match="uint8"):
+        data.to_model_input(flat.astype(np.float32), 16)
+
+
+def test_store_index_frame_types(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "c.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "test" / "d.png")
+    data.build_store(
+        tmp_path / "out", source="imagefolder", split="train", path=tmp_path, image_size=4,
+        progress=False,
+    )  # fmt: skip
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert index.to_dict("list") == {"sample_id": [0], "label": [-1], "source": ["train/c.png"]}
