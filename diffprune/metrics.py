@@ -1,0 +1,342 @@
+"""Sample-quality, diversity, novelty and balance metrics on feature arrays (numpy in, floats out).
+
+Fréchet distance and KID are clean-fid's own functions (`cleanfid.fid.frechet_distance`,
+`cleanfid.fid.kernel_distance`), so the numbers match clean-fid for the same features. Which
+feature space they are computed in (and therefore what a table should call them) is decided by
+`diffprune.features`.
+
+Pairwise distances are computed in row chunks of `batch_size` queries (float64, via
+|a|^2 + |b|^2 - 2ab), so 10k x 10k sets need about 80 MB at a time, never the full matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from cleanfid import fid as cleanfid_fid
+
+from diffprune.errors import DataError
+from diffprune.io import atomic_path
+
+STATS_KEYS = ("mu", "sigma", "features")
+
+#: Added to every bin of the second distribution before KL, so a missing class or mode gives a
+#: large finite divergence (about p_c * log(p_c / eps) per missing bin) instead of infinity.
+KL_EPS = 1e-6
+
+
+# --- reference statistics -------------------------------------------------------------------
+
+
+def reference_stats(features: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, covariance and the features themselves (KID and precision/recall need them)."""
+    feats = _features(features, "features", min_rows=2)
+    return {"mu": feats.mean(axis=0), "sigma": np.cov(feats, rowvar=False), "features": feats}
+
+
+def save_reference(path: str | os.PathLike, stats: Mapping[str, np.ndarray]) -> None:
+    """Write the stats as an .npz pipeline artifact (atomic, byte-identical for equal stats).
+
+    This is a pipeline artifact under the workflow's data folder: unlike clean-fid's own
+    reference statistics it never goes into an installed package's folder.
+    """
+    missing = [key for key in STATS_KEYS if key not in stats]
+    if missing:
+        raise ValueError(f"stats lack {missing}; expected keys {list(STATS_KEYS)}")
+    # np.savez stamps the current time into the zip entries; fixed dates keep the bytes stable.
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for key in STATS_KEYS:
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(stats[key]), allow_pickle=False)
+
+
+def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise DataError(f"reference statistics {str(path)!r} do not exist; run the stats step")
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [key for key in STATS_KEYS if key not in npz.files]
+        if missing:
+            raise DataError(f"reference statistics {str(path)!r} lack {missing}")
+        return {key: npz[key] for key in STATS_KEYS}
+
+
+# --- distribution distances -----------------------------------------------------------------
+
+
+def frechet_distance(
+    feats_or_stats_a: np.ndarray | Mapping[str, np.ndarray],
+    feats_or_stats_b: np.ndarray | Mapping[str, np.ndarray],
+) -> float:
+    """Fréchet distance between two feature sets, each given as (N,D) features or stats dicts."""
+    mu_a, sigma_a = _mu_sigma(feats_or_stats_a)
+    mu_b, sigma_b = _mu_sigma(feats_or_stats_b)
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"feature dims differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
+    return float(cleanfid_fid.frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
+
+
+def kid(
+    feats_a: np.ndarray,
+    feats_b: np.ndarray,
+    *,
+    num_subsets: int = 100,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+) -> float:
+    """Kernel Inception Distance (clean-fid's unbiased cubic-kernel MMD over random subsets).
+
+    clean-fid draws its subsets from numpy's global generator; it is seeded here and restored
+    afterwards, so the result depends on `seed` only and other code's randomness is untouched.
+    """
+    a = _features(feats_a, "feats_a", min_rows=2)
+    b = _features(feats_b, "feats_b", min_rows=2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dims differ: {a.shape[1]} vs {b.shape[1]}")
+    with _global_numpy_seed(seed):
+        return float(
+            cleanfid_fid.kernel_distance(
+                a, b, num_subsets=num_subsets, max_subset_size=max_subset_size
+            )
+        )
+
+
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, *, k: int = 3, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019), k-NN manifold estimate.
+
+    Each sample of a set spans a ball whose radius is the distance to its k-th nearest neighbour
+    in the same set (itself excluded). Precision is the share of `fake` samples inside at least
+    one ball of `real`; recall is the share of `real` samples inside at least one ball of `fake`.
+    """
+    real = _features(real, "real", min_rows=k + 1)
+    fake = _features(fake, "fake", min_rows=k + 1)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dims differ: {real.shape[1]} vs {fake.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k={k}; must be >= 1")
+    real_radii2 = _kth_neighbour_sq_distance(real, k, batch_size)
+    fake_radii2 = _kth_neighbour_sq_distance(fake, k, batch_size)
+    precision = _share_inside(fake, real, real_radii2, batch_size)
+    recall = _share_inside(real, fake, fake_radii2, batch_size)
+    return precision, recall
+
+
+# --- diversity and novelty ------------------------------------------------------------------
+
+
+def vendi(features: np.ndarray) -> float:
+    """Vendi score: exp of the entropy of the eigenvalues of K/n, K the cosine-similarity kernel.
+
+    It is the effective number of distinct samples: 1 when all are identical, m for m equally
+    sized groups of identical, mutually orthogonal points. The eigenvalues come from the smaller
+    of X X^T / n and X^T X / n (they share their non-zero spectrum), so n = 10k costs (D, D).
+    """
+    x = _features(features, "features", min_rows=1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{int((norms == 0).sum())} feature row(s) are all zero; cosine undefined")
+    x = x / norms
+    n, d = x.shape
+    gram = (x.T @ x if d < n else x @ x.T) / n
+    eigenvalues = np.linalg.eigvalsh(gram)
+    eigenvalues = eigenvalues[eigenvalues > 1e-12]
+    return float(np.exp(-np.sum(eigenvalues * np.log(eigenvalues))))
+
+
+def novelty(
+    generated: np.ndarray,
+    train: np.ndarray,
+    *,
+    copy_threshold: float | None = None,
+    threshold_quantile: float = 0.01,
+    threshold_subset: int = 2000,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Nearest-neighbour Euclidean distance of each generated sample to the training set.
+
+    Returns `novelty_mean` and `novelty_median` (higher = more novel), `near_copy_share` (share
+    of generated samples with distance <= the threshold) and `near_copy_threshold`.
+
+    Default threshold (`copy_threshold=None`): the `threshold_quantile` (1 %) quantile of the
+    training set's own nearest-neighbour distances (self excluded), measured on a seeded random
+    subset of `threshold_subset` training samples against the whole training set. A generated
+    sample is a near copy when it is closer to a training image than 99 % of training images are
+    to their nearest other training image. Exact duplicates inside the training set can make
+    this threshold 0, in which case only exact copies count.
+    """
+    gen = _features(generated, "generated", min_rows=1)
+    ref = _features(train, "train", min_rows=1 if copy_threshold is not None else 2)
+    if gen.shape[1] != ref.shape[1]:
+        raise ValueError(f"feature dims differ: {gen.shape[1]} vs {ref.shape[1]}")
+    distances = _nearest_distance(gen, ref, batch_size)
+    if copy_threshold is None:
+        copy_threshold = _train_nn_quantile(
+            ref,
+            quantile=threshold_quantile,
+            subset=threshold_subset,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    return {
+        "novelty_mean": float(distances.mean()),
+        "novelty_median": float(np.median(distances)),
+        "near_copy_share": float((distances <= copy_threshold).mean()),
+        "near_copy_threshold": float(copy_threshold),
+    }
+
+
+# --- balance: clusters and classes ----------------------------------------------------------
+
+
+def nearest_centroid(
+    features: np.ndarray, centroids: np.ndarray, *, batch_size: int = 1024
+) -> np.ndarray:
+    """Index of the nearest centroid (Euclidean) for each row: assigns generated samples to the
+    clusters of the real data, for `coverage`."""
+    x = _features(features, "features", min_rows=1)
+    c = _features(centroids, "centroids", min_rows=1)
+    if x.shape[1] != c.shape[1]:
+        raise ValueError(f"feature dims differ: {x.shape[1]} vs centroids {c.shape[1]}")
+    return np.concatenate(
+        [_squared_distances(chunk, c).argmin(axis=1) for chunk in _chunks(x, batch_size)]
+    ).astype(np.int64)
+
+
+def coverage(generated_assign: np.ndarray, real_assign: np.ndarray, *, k: int) -> dict[str, float]:
+    """How well generated samples occupy the real data's clusters (cluster ids 0..k-1).
+
+    `mode_coverage`: share of the clusters holding real data that hold at least one generated
+    sample. `occupancy_kl`: KL(real occupancy || generated occupancy), smoothed by `KL_EPS`.
+    """
+    real_shares = class_shares(real_assign, k)
+    generated_shares = class_shares(generated_assign, k)
+    populated = real_shares > 0
+    return {
+        "mode_coverage": float((generated_shares[populated] > 0).mean()),
+        "occupancy_kl": kl_divergence(real_shares, generated_shares),
+    }
+
+
+def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Share of each label 0..num_classes-1, float64 (num_classes,) summing to 1."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be a non-empty 1-d integer array, got {labels.dtype}{labels.shape}"
+        )
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels span {labels.min()}..{labels.max()}; allowed 0..{num_classes - 1}"
+        )
+    return np.bincount(labels, minlength=num_classes) / labels.size
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray, *, eps: float = KL_EPS) -> float:
+    """KL(p || q) in nats. Both are normalised to sum 1 (counts are fine); then `eps` is added
+    to every bin of q and q is renormalised, so empty bins of q give a finite value."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    if p.shape != q.shape or p.ndim != 1:
+        raise ValueError(f"p and q must be 1-d of equal length, got {p.shape} and {q.shape}")
+    if (p < 0).any() or (q < 0).any() or p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("p and q must be non-negative with positive total mass")
+    p = p / p.sum()
+    q = (q / q.sum() + eps) / (1.0 + eps * q.size)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _features(x: np.ndarray, name: str, *, min_rows: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < min_rows:
+        raise ValueError(f"{name} has shape {x.shape}; expected (N, D) with N >= {min_rows}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _mu_sigma(x: np.ndarray | Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(x, Mapping):
+        if "mu" not in x or "sigma" not in x:
+            raise ValueError(f"stats dict has keys {sorted(x)}; expected 'mu' and 'sigma'")
+        return np.asarray(x["mu"], dtype=np.float64), np.asarray(x["sigma"], dtype=np.float64)
+    stats = reference_stats(x)
+    return stats["mu"], stats["sigma"]
+
+
+@contextlib.contextmanager
+def _global_numpy_seed(seed: int) -> Iterator[None]:
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _chunks(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size]
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)
+
+
+def _kth_neighbour_sq_distance(x: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Squared distance of each row to its k-th nearest other row (index k; index 0 is itself)."""
+    radii2 = [
+        np.partition(_squared_distances(chunk, x), k, axis=1)[:, k]
+        for chunk in _chunks(x, batch_size)
+    ]
+    return np.concatenate(radii2)
+
+
+def _share_inside(
+    queries: np.ndarray, centres: np.ndarray, radii2: np.ndarray, batch_size: int
+) -> float:
+    """Share of queries within at least one ball (centre j, squared radius radii2[j])."""
+    inside = [
+        (_squared_distances(chunk, centres) <= radii2[None, :]).any(axis=1)
+        for chunk in _chunks(queries, batch_size)
+    ]
+    return float(np.concatenate(inside).mean())
+
+
+def _nearest_distance(
+    queries: np.ndarray, ref: np.ndarray, batch_size: int, *, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """Euclidean distance of each query to its nearest row of `ref`.
+
+    The neighbour is found with the fast matrix formula, then its distance is recomputed
+    directly, so exact copies give exactly 0. `exclude[i]` is a row of `ref` that query i may
+    not match (itself, when queries are drawn from ref).
+    """
+    nearest = []
+    for i, chunk in enumerate(_chunks(queries, batch_size)):
+        d = _squared_distances(chunk, ref)
+        if exclude is not None:
+            rows = np.arange(len(chunk))
+            d[rows, exclude[i * batch_size : i * batch_size + len(chunk)]] = np.inf
+        nearest.append(d.argmin(axis=1))
+    return np.linalg.norm(queries - ref[np.concatenate(nearest)], axis=1)
+
+
+def _train_nn_quantile(
+    train: np.ndarray, *, quantile: float, subset: int, seed: int, batch_size: int
+) -> float:
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(train), size=min(subset, len(train)), replace=False))
+    distances = _nearest_distance(train[picked], train, batch_size, exclude=picked)
+    return float(np.quantile(distances, quantile))
