@@ -449,12 +449,15 @@ def _resize_store_images(images: np.ndarray, image_size: int) -> np.ndarray:
     )
 
 
-def _imagefolder_root(path: Path, split: str) -> tuple[Path, bool]:
+def _imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Path, bool]:
     """The folder to read for `split`, and whether a seeded holdout must separate train and test.
 
-    With both `train/` and a `test/` (or `val/`, `validation/`) folder, each split reads its own.
+    With a separate test_path, train reads all of `path` and test all of test_path. With both
+    `train/` and a `test/` (or `val/`, `validation/`) folder under path, each split reads its own.
     Otherwise the train folder (or the root) is split into disjoint train and test parts.
     """
+    if test_path is not None:
+        return (path if split == "train" else test_path), False
     train = path / "train"
     test = next((path / t for t in _TEST_FOLDERS if (path / t).is_dir()), None)
     if train.is_dir() and test is not None:
@@ -489,6 +492,7 @@ def build_store(
     source: str,
     split: str,
     path=None,
+    test_path=None,
     download: bool = True,
     size: int | None = None,
     seed: int = 0,
@@ -504,8 +508,9 @@ def build_store(
     """Write out_dir/{images.npy,index.parquet,store.json} for one split; returns the metadata.
 
     `size` picks a seeded random subset, kept in source order, so sample_ids 0..n-1 follow the
-    source. An imagefolder without separate train/test folders is split by a seeded holdout of
-    `test_fraction` (disjoint, identical for both splits given the same seed).
+    source. An imagefolder reads `path` for train and `test_path` for test; without test_path,
+    `path/train` and `path/test` (or val, validation) when both exist, else a seeded holdout of
+    `test_fraction` splits the folder (disjoint, identical for both splits given the same seed).
     `channels` None keeps the source's own (1 for Fashion-MNIST, 3 otherwise).
     """
     if source not in SOURCES:
@@ -529,12 +534,13 @@ def build_store(
     elif source == "imagefolder":
         if path is None:
             raise ConfigError("source imagefolder needs data.path (a folder of images)")
-        folder, holdout = _imagefolder_root(Path(path), split)
+        test_folder = None if test_path is None else Path(test_path)
+        folder, holdout = _imagefolder_root(Path(path), split, test_folder)
         images, labels, sources, class_names, bad = load_imagefolder(
             folder, image_size=image_size, channels=channels or 3, progress=progress
         )
         # name files relative to data.path, so train/x.png and test/x.png stay distinct
-        sub = folder.relative_to(path).as_posix()
+        sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
         if sub != ".":
             sources = [f"{sub}/{s}" for s in sources]
             bad = [(f"{sub}/{b}", reason) for b, reason in bad]
@@ -584,6 +590,7 @@ def build_store(
                 "source": source,
                 "split": split,
                 "path": None if path is None else str(path),
+                "test_path": None if test_path is None else str(test_path),
                 "size": size,
                 "seed": seed,
                 "image_size": image_size,

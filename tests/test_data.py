@@ -283,6 +283,19 @@ def test_build_store_imagefolder_holdout_is_disjoint(tmp_path):
     assert small["num_samples"] == 6 and set(subset) <= set(tr.index["source"])
 
 
+def test_build_store_imagefolder_with_test_path(tmp_path):
+    for name, n in (("mine", 3), ("held", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (6, 6), (i, i, i)).save(tmp_path / name / f"{i}.png")
+    kwargs = dict(source="imagefolder", path=tmp_path / "mine", test_path=tmp_path / "held")
+    for split, n in (("train", 3), ("test", 2)):
+        meta = data.build_store(
+            tmp_path / split, split=split, image_size=6, **kwargs, progress=False
+        )
+        assert not meta["holdout"] and meta["num_samples"] == n
+
+
 def test_build_store_imagefolder_with_split_folders(tmp_path):
     for split, n in (("train", 3), ("val", 2)):
         (tmp_path / split / "k").mkdir(parents=True)
