@@ -11,5 +11,7 @@ rule download:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/download.py"

@@ -13,6 +13,8 @@ rule embed:
     resources:
         mem_mb=8000,
         gpu=1 if config["embed"]["device"] != "cpu" else 0,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/embed.py"
 
@@ -33,5 +35,7 @@ rule cluster:
     threads: workflow.cores
     resources:
         mem_mb=8000,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/cluster.py"

@@ -14,6 +14,8 @@ rule classifier:
     threads: workflow.cores
     resources:
         mem_mb=4000,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/classifier.py"
 
@@ -32,6 +34,8 @@ rule reference:
     threads: workflow.cores
     resources:
         mem_mb=4000,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/reference.py"
 
@@ -50,5 +54,7 @@ rule evaluate:
     threads: workflow.cores
     resources:
         mem_mb=4000,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/evaluate.py"

@@ -10,5 +10,7 @@ rule report:
     log:
         paths.log("report"),
     threads: 1
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/report.py"

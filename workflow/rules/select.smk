@@ -13,5 +13,7 @@ rule select:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/select.py"

@@ -16,6 +16,8 @@ rule train:
         mem_mb=8000,
         gpu=1 if config["train"]["device"] != "cpu" else 0,
         runtime=24 * 60,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/train.py"
 
@@ -36,5 +38,7 @@ rule sample:
     resources:
         mem_mb=8000,
         gpu=1 if config["train"]["device"] != "cpu" else 0,
+    conda:
+        "../envs/diffprune.yaml"
     script:
         "../scripts/sample.py"
