@@ -29,6 +29,14 @@ def test_recovers_blobs_with_euclidean_distances():
     assert 0.5 < np.median(result.distances) < 2.0  # squared would be ~1.4x larger on average
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_kmeans_pp_init_finds_separated_blobs(seed):
+    # init="random" merges two of these blobs for seeds 0 and 4 of 0..7
+    x, labels = blobs(n_per=300)
+    assignments = kmeans(x, k=3, seed=seed, iterations=10, device="cpu").assignments
+    assert all(len(np.unique(assignments[labels == c])) == 1 for c in range(3))
+
+
 def test_uses_all_points_not_a_subsample():
     # faiss subsamples to 256 points per centroid by default; then the centroids would be means
     # of a subsample and miss the full cluster means by ~1/sqrt(256) standard deviations (~0.06;
@@ -118,3 +126,10 @@ def test_bad_k(k, match):
         validate_k(k, 10)
     with pytest.raises(ConfigError, match=match):
         kmeans(np.zeros((10, 2)), k=k, device="cpu")
+
+
+def test_bad_init():
+    with pytest.raises(
+        ConfigError, match=r"unknown k-means init 'kmeans\+\+'; allowed: k-means\+\+"
+    ):
+        kmeans(np.zeros((10, 2)), k=2, init="kmeans++", device="cpu")
