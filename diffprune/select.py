@@ -1,0 +1,306 @@
+"""Selection rules: which training samples to keep, as a prune manifest.
+
+Conventions (the paper's, made exact here):
+
+- `ratio` p is the fraction of samples REMOVED, 0 <= p < 1; 1-p is kept.
+- Kept counts are floors: every cluster rule keeps floor(n_c*(1-p)) of the n_c members of each
+  cluster c (cluster proportions are kept); random and score rules keep floor(N*(1-p)) of all N
+  samples. 1-p is computed exactly from the ratio as written in decimal, so 10 samples at
+  p=0.9 keep 1 (float arithmetic gives 0.9999... and would keep 0).
+- Ties are broken by sample_id (lower sample_id first in the ranking), so the result is a pure
+  function of the inputs and `seed`.
+
+Rules (what each KEEPS):
+
+- random: a uniformly random floor(N(1-p)) samples (seeded).
+- cluster-furthest: per cluster, the floor(n_c(1-p)) samples furthest from the centroid
+  (the reference code's default).
+- cluster-nearest: per cluster, the floor(n_c(1-p)) samples nearest to the centroid.
+- cluster-mid: per cluster, the middle band of the distance ranking: of the r = n_c - keep
+  removed samples, floor(r/2) are the nearest and the other r - floor(r/2) the furthest.
+- cluster-random: per cluster, a random floor(n_c(1-p)) (seeded).
+- cluster-balanced: the same number m from every non-empty cluster, the furthest from the
+  centroid (balanced_order="furthest") or the nearest; m = min(smallest cluster size,
+  floor(floor(N(1-p)) / k)) with k the number of non-empty clusters. At p=0 this is the paper's
+  rule (m = smallest cluster size); the kept fraction is k*m/N, not 1-p.
+- <score> for score in el2n, grand, forgetting, moso: the floor(N(1-p)) samples with the HIGHEST
+  score (over all samples, not per cluster); <score>-inverse the lowest; <score>-mid the middle
+  band of the score ranking (floor(r/2) lowest and the rest highest removed, as cluster-mid).
+  Selection is by score value: sample order plays no part except to break ties.
+
+The manifest has one row per sample, sorted by sample_id, with columns sample_id (int64), keep
+(bool, True = kept for training), score (float64, NaN without scores), cluster (int64, -1 without
+clusters) and distance (float64, Euclidean distance to the own centroid, NaN without clusters).
+Evidence columns are filled from whatever inputs are passed, used by the method or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from fractions import Fraction
+
+import numpy as np
+import pandas as pd
+
+from diffprune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CLUSTER_METHODS = (
+    "cluster-furthest",
+    "cluster-nearest",
+    "cluster-mid",
+    "cluster-random",
+    "cluster-balanced",
+)
+SCORE_METHODS = ("el2n", "grand", "forgetting", "moso")
+_SCORE_SUFFIXES = ("", "-inverse", "-mid")
+METHODS = (
+    "random",
+    *CLUSTER_METHODS,
+    *(f"{score}{suffix}" for score in SCORE_METHODS for suffix in _SCORE_SUFFIXES),
+)
+BALANCED_ORDERS = ("furthest", "nearest")
+
+# What each rule keeps, for the CLI help and the sidecar; "<score>" stands for any SCORE_METHODS.
+KEEPS = {
+    "random": "a uniformly random floor(N(1-p)) of all samples (seeded)",
+    "cluster-furthest": "per cluster, the floor(n_c(1-p)) furthest from the centroid",
+    "cluster-nearest": "per cluster, the floor(n_c(1-p)) nearest to the centroid",
+    "cluster-mid": "per cluster, the middle of the distance ranking: of the r = n_c - kept "
+    "removed, floor(r/2) are the nearest and the rest the furthest",
+    "cluster-random": "per cluster, a random floor(n_c(1-p)) (seeded)",
+    "cluster-balanced": "the same number m from every cluster, the furthest (or nearest, "
+    "--balanced-order) from the centroid; m = min(smallest cluster, floor(floor(N(1-p))/k)); "
+    "the kept fraction is k*m/N",
+    "<score>": "the floor(N(1-p)) samples with the HIGHEST score",
+    "<score>-inverse": "the floor(N(1-p)) samples with the LOWEST score",
+    "<score>-mid": "the middle of the score ranking: of the r removed, floor(r/2) lowest and "
+    "the rest highest",
+}
+
+MANIFEST_COLUMNS = ("sample_id", "keep", "score", "cluster", "distance")
+
+
+def validate_method(method: str) -> str:
+    if method not in METHODS:
+        raise ConfigError(f"unknown selection method {method!r}; allowed: {', '.join(METHODS)}")
+    return method
+
+
+def validate_ratio(ratio: float) -> float:
+    """The ratio is the fraction REMOVED and must lie in [0, 1)."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}") from None
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ConfigError(
+            f"ratio must be in [0, 1) (the fraction of samples REMOVED), got {ratio!r}"
+        )
+    return value
+
+
+def validate_scores(scores: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Scores: a finite 1-D array with one value per sample, in sample_id order."""
+    scores = np.asarray(scores)
+    if scores.ndim != 1 or (n is not None and len(scores) != n):
+        want = f"length N={n}" if n is not None else "length N"
+        raise DataError(
+            f"scores must be a 1-D array of {want} (one per sample_id), got shape {scores.shape}"
+        )
+    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(
+        scores.dtype, np.complexfloating
+    ):
+        raise DataError(f"scores must be real numbers, got dtype {scores.dtype}")
+    scores = scores.astype(np.float64)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise DataError(
+            f"scores contain {int(bad.sum())} NaN or inf values (first: sample {np.argmax(bad)})"
+        )
+    return scores
+
+
+def validate_clusters(clusters: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
+    """Check a clusters table (sample_id, cluster, distance) and return it sorted by sample_id."""
+    missing = [c for c in ("sample_id", "cluster", "distance") if c not in clusters.columns]
+    if missing:
+        raise DataError(f"clusters table lacks columns {missing}; it has {list(clusters.columns)}")
+    if n is not None and len(clusters) != n:
+        raise DataError(f"clusters table has {len(clusters)} rows but there are {n} samples")
+    if len(clusters) == 0:
+        raise DataError("clusters table is empty")
+    for column in ("sample_id", "cluster"):
+        if not pd.api.types.is_integer_dtype(clusters[column]):
+            raise DataError(
+                f"clusters column {column!r} must be integer, got {clusters[column].dtype}"
+            )
+    if not pd.api.types.is_numeric_dtype(clusters["distance"]):
+        raise DataError(
+            f"clusters column 'distance' must be numeric, got {clusters['distance'].dtype}"
+        )
+    frame = clusters.sort_values("sample_id", kind="stable", ignore_index=True)
+    if frame["sample_id"].duplicated().any():
+        raise DataError("clusters table has duplicate sample_id values")
+    if (frame["cluster"] < 0).any():
+        raise DataError("clusters column 'cluster' has negative ids; cluster ids must be >= 0")
+    distance = frame["distance"].to_numpy(np.float64)
+    if not (np.isfinite(distance) & (distance >= 0)).all():
+        raise DataError("clusters column 'distance' must be finite and >= 0")
+    return frame
+
+
+def needs(method: str) -> set[str]:
+    """Inputs a method needs: {"clusters"}, {"scores:<name>"} or nothing (random)."""
+    validate_method(method)
+    if method in CLUSTER_METHODS:
+        return {"clusters"}
+    if method == "random":
+        return set()
+    return {f"scores:{method.removesuffix('-inverse').removesuffix('-mid')}"}
+
+
+def direction(method: str, *, balanced_order: str = "furthest") -> str:
+    """One word for the sidecar: which end of the ranking is kept."""
+    validate_method(method)
+    if method in ("random", "cluster-random"):
+        return "random"
+    if method == "cluster-balanced":
+        return balanced_order
+    if method.endswith("-mid"):
+        return "middle"
+    if method.startswith("cluster-"):
+        return method.removeprefix("cluster-")
+    return "lowest" if method.endswith("-inverse") else "highest"
+
+
+def select(
+    method: str,
+    ratio: float,
+    *,
+    n: int | None = None,
+    clusters: pd.DataFrame | None = None,
+    scores: np.ndarray | None = None,
+    seed: int = 0,
+    balanced_order: str = "furthest",
+) -> pd.DataFrame:
+    """Apply a selection rule and return the prune manifest (see the module docstring).
+
+    `clusters` is a clusters table (sample_id, cluster, distance); `scores` is aligned with the
+    sorted sample ids (those of `clusters`, or 0..N-1). `n`, when given, must match the inputs.
+    """
+    validate_method(method)
+    ratio = validate_ratio(ratio)
+    if balanced_order not in BALANCED_ORDERS:
+        raise ConfigError(
+            f"balanced_order must be one of {', '.join(BALANCED_ORDERS)}, got {balanced_order!r}"
+        )
+    required = needs(method)
+    if "clusters" in required and clusters is None:
+        raise ConfigError(f"method {method!r} needs clusters (run k-means on the embeddings)")
+    if required - {"clusters"} and scores is None:
+        raise ConfigError(f"method {method!r} needs scores ({required.pop()})")
+    if n is None and clusters is None and scores is None:
+        raise ConfigError(f"method {method!r} needs the number of samples n (or clusters/scores)")
+
+    manifest = _evidence(n, clusters, scores)
+    keep_fraction = 1 - Fraction(str(ratio))
+    if method in CLUSTER_METHODS:
+        groups = manifest["cluster"].to_numpy()
+        distance = manifest["distance"].to_numpy()
+        far_first = method == "cluster-furthest" or (
+            method == "cluster-balanced" and balanced_order == "furthest"
+        )
+        key = -distance if far_first else distance
+    else:
+        groups = np.zeros(len(manifest), dtype=np.int64)
+        score = manifest["score"].to_numpy()
+        key = score if method.endswith(("-inverse", "-mid")) else -score
+    if method in ("random", "cluster-random"):
+        key = np.random.default_rng(seed).permutation(len(manifest)).astype(np.float64)
+
+    sizes = np.unique(groups, return_counts=True)[1]
+    if method == "cluster-balanced":
+        total = _floor(len(manifest), keep_fraction)
+        kept = np.full_like(sizes, min(sizes.min(), total // len(sizes)))
+    else:
+        kept = np.array([_floor(size, keep_fraction) for size in sizes], dtype=np.int64)
+    skip = (sizes - kept) // 2 if method.endswith("-mid") else np.zeros_like(kept)
+    manifest["keep"] = _keep_ranks(groups, sizes, key, manifest["sample_id"].to_numpy(), skip, kept)
+
+    n_kept = int(manifest["keep"].sum())
+    log.info("%s at ratio %g keeps %d of %d samples", method, ratio, n_kept, len(manifest))
+    if n_kept == 0:
+        log.warning("%s at ratio %g keeps no samples at all", method, ratio)
+    return manifest[list(MANIFEST_COLUMNS)]
+
+
+def full_manifest(n: int) -> pd.DataFrame:
+    """The baseline manifest: all n samples kept, no evidence."""
+    manifest = _evidence(n, None, None)
+    manifest["keep"] = True
+    return manifest[list(MANIFEST_COLUMNS)]
+
+
+def manifest_summary(manifest: pd.DataFrame) -> dict:
+    """Counts for the JSON sidecar: n_total, n_kept, kept_fraction, kept_per_cluster."""
+    n_total = len(manifest)
+    n_kept = int(manifest["keep"].sum())
+    clustered = manifest[manifest["cluster"] >= 0]
+    per_cluster = clustered.groupby("cluster", sort=True)["keep"].sum()
+    return {
+        "n_total": n_total,
+        "n_kept": n_kept,
+        "kept_fraction": n_kept / n_total if n_total else 0.0,
+        "kept_per_cluster": {str(c): int(k) for c, k in per_cluster.items()},
+    }
+
+
+def _floor(n: int, keep_fraction: Fraction) -> int:
+    return math.floor(n * keep_fraction)
+
+
+def _evidence(
+    n: int | None, clusters: pd.DataFrame | None, scores: np.ndarray | None
+) -> pd.DataFrame:
+    """sample_id plus the evidence columns, sorted by sample_id, checked for consistent sizes."""
+    if clusters is not None:
+        frame = validate_clusters(clusters, n)
+        sample_id = frame["sample_id"].to_numpy(np.int64)
+    else:
+        size = n if n is not None else len(np.asarray(scores))
+        if size < 1:
+            raise DataError(f"there must be at least one sample, got n={size}")
+        sample_id = np.arange(size, dtype=np.int64)
+    manifest = pd.DataFrame({"sample_id": sample_id})
+    manifest["score"] = np.nan if scores is None else validate_scores(scores, len(sample_id))
+    if clusters is None:
+        manifest["cluster"] = np.int64(-1)
+        manifest["distance"] = np.nan
+    else:
+        manifest["cluster"] = frame["cluster"].to_numpy(np.int64)
+        manifest["distance"] = frame["distance"].to_numpy(np.float64)
+    return manifest
+
+
+def _keep_ranks(
+    groups: np.ndarray,
+    sizes: np.ndarray,
+    key: np.ndarray,
+    sample_id: np.ndarray,
+    skip: np.ndarray,
+    kept: np.ndarray,
+) -> np.ndarray:
+    """Rank each group by (key, sample_id) ascending; keep ranks [skip, skip + kept) per group.
+
+    `sizes`, `skip` and `kept` are per group, in ascending group order.
+    """
+    order = np.lexsort((sample_id, key, groups))
+    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    rank = np.arange(len(order)) - starts
+    lo = np.repeat(skip, sizes)
+    keep = np.empty(len(order), dtype=bool)
+    keep[order] = (rank >= lo) & (rank < lo + np.repeat(kept, sizes))
+    return keep
