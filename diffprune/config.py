@@ -100,5 +100,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         allowed = error.schema.get("description", f"matching {arg}")
         return f"{key} = {value!r} is not allowed; allowed: {allowed}"
     if kind == "anyOf":
-        return f"{key} = {value!r}: must be a positive integer or null"
+        bounds = next(s for s in arg if s.get("type") == "integer")
+        upper = f" and <= {bounds['maximum']}" if "maximum" in bounds else ""
+        return f"{key} = {value!r}: must be null or an integer >= {bounds['minimum']}{upper}"
     return f"{key} = {value!r}: {error.message}"

@@ -49,7 +49,7 @@ def test_default_params_are_valid():
         ({"study__methods": ["kmeans-magic"]}, "study.methods.0 = 'kmeans-magic' is not allowed"),
         ({"train__stepz": 5}, "train: unknown key(s) stepz; allowed:"),
         ({"cluster__k": DELETE}, "cluster: 'k' is a required property"),
-        ({"data__train_size": -3}, "data.train_size = -3: must be a positive integer or null"),
+        ({"data__train_size": -3}, "data.train_size = -3: must be null or an integer >= 1"),
         ({"embed__device": "tpu"}, "embed.device = 'tpu' is not allowed; allowed: auto | cpu"),
         ({"study__seeds": []}, "study.seeds = []: needs at least 1 item(s)"),
         ({"data__source": "imagefolder"}, "data.path = null: the imagefolder source needs"),
