@@ -176,6 +176,15 @@ def direction(method: str, *, balanced_order: str = "furthest") -> str:
     return "lowest" if method.endswith("-inverse") else "highest"
 
 
+def describe(method: str) -> str:
+    """What `method` keeps, in words (its KEEPS entry)."""
+    validate_method(method)
+    for score in SCORE_METHODS:
+        if method.startswith(score):
+            return KEEPS[method.replace(score, "<score>", 1)]
+    return KEEPS[method]
+
+
 def select(
     method: str,
     ratio: float,
@@ -193,6 +202,8 @@ def select(
     """
     validate_method(method)
     ratio = validate_ratio(ratio)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if balanced_order not in BALANCED_ORDERS:
         raise ConfigError(
             f"balanced_order must be one of {', '.join(BALANCED_ORDERS)}, got {balanced_order!r}"

@@ -7,7 +7,9 @@ from diffprune.errors import ConfigError, DataError
 from diffprune.io import save_parquet
 from diffprune.select import (
     CLUSTER_METHODS,
+    KEEPS,
     METHODS,
+    describe,
     direction,
     full_manifest,
     manifest_summary,
@@ -263,6 +265,8 @@ def test_needs_and_direction():
     assert direction("cluster-balanced", balanced_order="nearest") == "nearest"
     assert direction("el2n") == "highest" and direction("el2n-inverse") == "lowest"
     assert direction("grand-mid") == direction("cluster-mid") == "middle"
+    assert "HIGHEST" in describe("forgetting") and "LOWEST" in describe("moso-inverse")
+    assert describe("cluster-nearest") == KEEPS["cluster-nearest"]
 
 
 def bad_clusters(**changes):
@@ -284,6 +288,7 @@ def bad_clusters(**changes):
         ({"ratio": float("nan")}, ConfigError, r"ratio must be in \[0, 1\)"),
         ({"ratio": "half"}, ConfigError, r"ratio must be a number"),
         ({"balanced_order": "middle"}, ConfigError, r"balanced_order must be one of"),
+        ({"method": "random", "seed": -1}, ConfigError, r"seed must be a non-negative integer"),
         ({"clusters": None}, ConfigError, r"needs clusters"),
         ({"method": "el2n", "clusters": None}, ConfigError, r"needs scores \(scores:el2n\)"),
         ({"method": "random", "clusters": None}, ConfigError, r"number of samples"),
