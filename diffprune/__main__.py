@@ -1,0 +1,5 @@
+"""`python -m diffprune` runs the command line."""
+
+from diffprune.cli import main
+
+raise SystemExit(main())

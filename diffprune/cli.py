@@ -1,0 +1,218 @@
+"""The `diffprune` command line. Each subcommand is a thin wrapper over library functions.
+
+Bad input ends with exit status 2 and one line on stderr: `diffprune: error: <what is wrong>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import pandas as pd
+
+from diffprune import __version__
+from diffprune.cluster import INITS, clusters_frame, kmeans, validate_embeddings
+from diffprune.errors import DataError, DiffpruneError
+from diffprune.io import load_json, provenance, save_json, save_parquet
+from diffprune.select import (
+    BALANCED_ORDERS,
+    KEEPS,
+    SCORE_METHODS,
+    describe,
+    direction,
+    manifest_summary,
+    needs,
+    select,
+    validate_method,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"diffprune: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+_KEEPS_HELP = "\n".join(
+    textwrap.fill(text, width=88, initial_indent=f"  {name:<17} ", subsequent_indent=" " * 20)
+    for name, text in KEEPS.items()
+)
+SELECT_EPILOG = f"""\
+The pruning ratio p (--ratio) is the fraction of samples REMOVED, 0 <= p < 1; 1-p is kept.
+Counts are floors: cluster rules keep floor(n_c(1-p)) of each cluster's n_c samples, the
+others floor(N(1-p)) of all N samples. Ties are broken by sample_id.
+
+What each --method KEEPS (<score> is one of {", ".join(SCORE_METHODS)}):
+{_KEEPS_HELP}
+
+Cluster rules need --embeddings and --k (k-means is run) or --clusters (a clusters.parquet
+with sample_id, cluster, distance); score rules need --scores (a 1-D .npy with one score per
+sample, in sample_id order); random needs any one of them to count the samples.
+
+Output (--out): Parquet, one row per sample, sorted by sample_id, with columns
+  sample_id (int64)
+  keep      (bool: True = KEPT for training, False = removed)
+  score     (float64, NaN without scores)
+  cluster   (int64, -1 without clusters)
+  distance  (float64, Euclidean distance to the own centroid, NaN without clusters)
+and a JSON sidecar next to it (same name, .json) with the method, ratio, direction, seed,
+k, counts, kept per cluster, input hashes and code version.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _Parser(add_help=False)  # options every subcommand takes
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+
+    sel = sub.add_parser(
+        "select",
+        parents=[common],
+        help="choose the training samples to keep and write a prune manifest",
+        description="Choose the training samples to keep and write a prune manifest.",
+        epilog=SELECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sel.add_argument("--method", required=True, help="selection rule (see below)")
+    sel.add_argument(
+        "--ratio", required=True, type=float, help="fraction of samples REMOVED, in [0, 1)"
+    )
+    sel.add_argument("--out", required=True, type=Path, help="manifest Parquet to write")
+    source = sel.add_mutually_exclusive_group()
+    source.add_argument(
+        "--embeddings", type=Path, help="float (N, D) .npy, rows in sample_id order"
+    )
+    source.add_argument("--clusters", type=Path, help="precomputed clusters.parquet")
+    sel.add_argument("--scores", type=Path, help="1-D .npy of N scores in sample_id order")
+    sel.add_argument("--k", type=int, help="number of k-means clusters (with --embeddings)")
+    sel.add_argument("--iterations", type=int, default=50, help="k-means iterations (50)")
+    sel.add_argument("--init", choices=INITS, default="k-means++", help="k-means initialisation")
+    sel.add_argument("--seed", type=int, default=0, help="seed for k-means and random rules (0)")
+    sel.add_argument(
+        "--balanced-order",
+        choices=BALANCED_ORDERS,
+        default="furthest",
+        help="which samples cluster-balanced takes in each cluster (furthest)",
+    )
+    sel.add_argument("--device", default="auto", help="k-means device: auto, cpu, cuda (auto)")
+    sel.set_defaults(func=cmd_select)
+    return parser
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    method = validate_method(args.method)
+    inputs, n, clusters, scores, clustering = _select_inputs(args, method)
+    start = time.perf_counter()
+    manifest = select(
+        method,
+        args.ratio,
+        n=n,
+        clusters=clusters,
+        scores=scores,
+        seed=args.seed,
+        balanced_order=args.balanced_order,
+    )
+    seconds = time.perf_counter() - start
+    params = {
+        "method": method,
+        "ratio": args.ratio,
+        "seed": args.seed,
+        "k": None if clusters is None else int(clusters["cluster"].nunique()),
+        "iterations": args.iterations if clustering else None,
+        "init": args.init if clustering else None,
+        "balanced_order": args.balanced_order,
+    }
+    meta = {
+        **params,
+        "direction": direction(method, balanced_order=args.balanced_order),
+        "keeps": describe(method),
+        "embedder": _embedder(args.embeddings),
+        "kmeans_seconds": round(clustering.seconds, 3) if clustering else None,
+        "select_seconds": round(seconds, 3),
+        **manifest_summary(manifest),
+        "provenance": provenance(params=params, inputs=inputs),
+    }
+    save_parquet(args.out, manifest)
+    save_json(args.out.with_suffix(".json"), meta)
+    print(
+        f"{args.out}: kept {meta['n_kept']} of {meta['n_total']} samples ({method}, p={args.ratio})"
+    )
+
+
+def _select_inputs(args: argparse.Namespace, method: str):
+    """Read the inputs `method` needs, running k-means when it needs clusters of the embeddings.
+
+    Returns (input paths by name, n, clusters table, scores, clustering); absent ones are None.
+    """
+    needs_clusters = "clusters" in needs(method)
+    if needs_clusters and args.embeddings is None and args.clusters is None:
+        raise DataError(f"method {method!r} needs --embeddings (with --k) or --clusters")
+    if needs_clusters and args.embeddings is not None and args.k is None:
+        raise DataError(f"method {method!r} clusters the embeddings: pass --k")
+    if needs(method) - {"clusters"} and args.scores is None:
+        raise DataError(f"method {method!r} needs --scores")
+    if args.embeddings is None and args.clusters is None and args.scores is None:
+        raise DataError(f"method {method!r} needs --embeddings, --clusters or --scores")
+    inputs, n, clusters, scores, clustering = {}, None, None, None, None
+    if args.clusters is not None:
+        inputs["clusters"] = args.clusters
+        clusters = _read(args.clusters, pd.read_parquet)
+    if args.embeddings is not None:
+        inputs["embeddings"] = args.embeddings
+        embeddings = validate_embeddings(_read(args.embeddings, np.load))
+        n = len(embeddings)
+        if needs_clusters:
+            clustering = kmeans(
+                embeddings,
+                k=args.k,
+                iterations=args.iterations,
+                seed=args.seed,
+                device=args.device,
+                init=args.init,
+            )
+            clusters = clusters_frame(clustering)
+    if args.scores is not None:
+        inputs["scores"] = args.scores
+        scores = _read(args.scores, np.load)
+    return inputs, n, clusters, scores, clustering
+
+
+def _read(path: Path, reader):
+    """Load an input file; a missing or unreadable file is a DataError naming it."""
+    try:
+        return reader(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def _embedder(embeddings: Path | None) -> str | None:
+    """Model name from the embeddings' JSON sidecar (embeddings.json), when there is one."""
+    if embeddings is None or not embeddings.with_suffix(".json").is_file():
+        return None
+    return load_json(embeddings.with_suffix(".json")).get("model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except (DiffpruneError, OSError) as err:  # bad input or unwritable output: one line
+        _fail(str(err))
+    return 0
