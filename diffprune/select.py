@@ -218,20 +218,12 @@ def select(
 
     manifest = _evidence(n, clusters, scores)
     keep_fraction = 1 - Fraction(str(ratio))
+    # Cluster rules act within each cluster, the others on all samples as one group.
     if method in CLUSTER_METHODS:
         groups = manifest["cluster"].to_numpy()
-        distance = manifest["distance"].to_numpy()
-        far_first = method == "cluster-furthest" or (
-            method == "cluster-balanced" and balanced_order == "furthest"
-        )
-        key = -distance if far_first else distance
     else:
         groups = np.zeros(len(manifest), dtype=np.int64)
-        score = manifest["score"].to_numpy()
-        key = score if method.endswith(("-inverse", "-mid")) else -score
-    if method in ("random", "cluster-random"):
-        key = np.random.default_rng(seed).permutation(len(manifest)).astype(np.float64)
-
+    key = _ranking_key(method, manifest, seed=seed, balanced_order=balanced_order)
     sizes = np.unique(groups, return_counts=True)[1]
     if method == "cluster-balanced":
         total = _floor(len(manifest), keep_fraction)
@@ -294,6 +286,25 @@ def _evidence(
         manifest["cluster"] = frame["cluster"].to_numpy(np.int64)
         manifest["distance"] = frame["distance"].to_numpy(np.float64)
     return manifest
+
+
+def _ranking_key(
+    method: str, manifest: pd.DataFrame, *, seed: int, balanced_order: str
+) -> np.ndarray:
+    """Per-sample key; within a group the samples are ranked by (key, sample_id) ascending.
+
+    "top" rules keep the first ranks, "-mid" rules a band in the middle.
+    """
+    if method in ("random", "cluster-random"):
+        return np.random.default_rng(seed).permutation(len(manifest)).astype(np.float64)
+    if method in CLUSTER_METHODS:
+        distance = manifest["distance"].to_numpy()
+        far_first = method == "cluster-furthest" or (
+            method == "cluster-balanced" and balanced_order == "furthest"
+        )
+        return -distance if far_first else distance  # -mid: nearest first
+    score = manifest["score"].to_numpy()
+    return score if method.endswith(("-inverse", "-mid")) else -score  # -mid: lowest first
 
 
 def _keep_ranks(
