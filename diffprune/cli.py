@@ -16,7 +16,7 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 
-from diffprune import __version__
+import diffprune
 from diffprune.cluster import INITS, clusters_frame, kmeans, validate_embeddings
 from diffprune.errors import DataError, DiffpruneError
 from diffprune.io import load_json, provenance, save_json, save_parquet
@@ -73,8 +73,8 @@ k, counts, kept per cluster, input hashes and code version.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="diffprune", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
+    parser = _Parser(prog="diffprune", description=diffprune.__doc__)
+    parser.add_argument("--version", action="version", version=f"diffprune {diffprune.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _Parser(add_help=False)  # options every subcommand takes
     common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
