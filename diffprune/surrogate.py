@@ -1,0 +1,356 @@
+"""Surrogate diffusion models for the score-based selection rules ("score once, select many").
+
+One surrogate is trained on the full training set; its evenly spaced snapshots feed EL2N and GraNd
+(the last snapshot) and forgetting (the per-sample loss recorded at every snapshot). MoSo trains one
+surrogate per disjoint subset of the data. Every per-sample quantity uses a FIXED noise and timestep
+per sample, from a generator seeded by (seed, sample_id, draw): a sample's draw does not depend on
+the batch size, on the subset it sits in or on the device, so loss records taken at different
+snapshots are comparable and scores are reproducible.
+
+A surrogate folder holds:
+    model/                 final EMA weights and train.json, written by diffprune.train.train
+    snapshots/step_<step>.pt  raw (non-EMA) model state dicts at the snapshot steps
+    losses.npy             float32 (num_snapshots, N): per-sample loss at each snapshot (forgetting)
+    surrogate.json         cfg, seed, snapshot steps, image hash, wall seconds
+A MoSo folder holds subsets.npy (int64 (N,): the subset of each sample), subset_<k>/ (one surrogate
+folder each) and moso.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffprune import io
+from diffprune.data import to_model_input
+from diffprune.diffusion import build_model, build_scheduler, draw, per_sample_loss
+from diffprune.train import train
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS = "snapshots"
+LOSSES = "losses.npy"
+META = "surrogate.json"
+MOSO_META = "moso.json"
+SUBSETS = "subsets.npy"
+
+
+def images_sha256(images: np.ndarray) -> str:
+    """Content hash of an image array, so scores can check they read the surrogate's own data."""
+    images = np.ascontiguousarray(images)
+    digest = hashlib.sha256(f"{images.dtype}{images.shape}".encode())
+    digest.update(memoryview(images).cast("B"))
+    return digest.hexdigest()
+
+
+def fixed_draws(
+    x0: torch.Tensor,
+    sample_ids: np.ndarray,
+    scheduler: Any,
+    *,
+    seed: int,
+    draw_index: int = 0,
+    timestep: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timestep for each sample of a CPU batch, seeded by (seed, sample_id, draw_index).
+
+    `timestep` replaces the drawn t by one fixed value for every sample (the paper's "fixed t for
+    DDPM" EL2N variant); the noise is still per sample.
+    """
+    noises, steps = [], []
+    for i, sample_id in enumerate(sample_ids):
+        state = np.random.SeedSequence([seed, int(sample_id), draw_index]).generate_state(
+            1, np.uint64
+        )
+        generator = torch.Generator().manual_seed(int(state[0]))
+        noise, t = draw(x0[i : i + 1], scheduler, generator=generator)
+        noises.append(noise)
+        steps.append(t)
+    noise, t = torch.cat(noises), torch.cat(steps)
+    if timestep is not None:
+        t = torch.full_like(t, timestep)
+    return noise, t
+
+
+def batches(
+    images: np.ndarray,
+    *,
+    resolution: int,
+    scheduler: Any,
+    sample_ids: np.ndarray,
+    seed: int,
+    draw_index: int = 0,
+    timestep: float | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (rows, x0, noise, t) on `device` for consecutive batches of uint8 NHWC images."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(sample_ids) != len(images):
+        raise ValueError(f"{len(sample_ids)} sample_ids for {len(images)} images; need one each")
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            rows = slice(start, min(start + batch_size, len(images)))
+            x0 = to_model_input(np.asarray(images[rows]), resolution)
+            noise, t = fixed_draws(
+                x0, sample_ids[rows], scheduler, seed=seed, draw_index=draw_index, timestep=timestep
+            )
+            yield rows, x0.to(device), noise.to(device), t.to(device)
+            bar.update(rows.stop - rows.start)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sample_losses(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    sample_ids: np.ndarray | None = None,
+    seed: int = 0,
+    draw_index: int = 0,
+    timestep: float | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
+    """Per-sample diffusion loss (float64, (N,)) of `model` under the fixed per-sample draws.
+
+    `cfg` is the train config the model was built from (objective, resolution, scheduler).
+    Runs on the model's device, in float32 (autocast off), in eval mode; restores the mode after.
+    """
+    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
+    scheduler = build_scheduler(cfg)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out = np.empty(len(images), dtype=np.float64)
+    try:
+        with torch.autocast(device.type, enabled=False):
+            for rows, x0, noise, t in batches(
+                images,
+                resolution=cfg["resolution"],
+                scheduler=scheduler,
+                sample_ids=sample_ids,
+                seed=seed,
+                draw_index=draw_index,
+                timestep=timestep,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                desc="losses",
+            ):
+                loss = per_sample_loss(
+                    model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
+                )
+                out[rows] = loss.double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def snapshot_steps(steps: int, num_snapshots: int) -> list[int]:
+    """Evenly spaced snapshot steps: every steps // num_snapshots steps, num_snapshots of them."""
+    if num_snapshots < 1 or num_snapshots > steps:
+        raise ValueError(f"num_snapshots must be in [1, steps={steps}], got {num_snapshots}")
+    every = steps // num_snapshots
+    return [every * k for k in range(1, num_snapshots + 1)]
+
+
+def _snapshot_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+def train_surrogate(
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    seed: int,
+    out_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    num_snapshots: int = 10,
+    record_losses: bool = True,
+    loss_batch_size: int = 256,
+    log_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train one diffusion model on `images` (uint8 NHWC) and keep `num_snapshots` snapshots.
+
+    `cfg` is a train config (params["train"], possibly with fewer steps). Snapshots and loss records
+    are first written to checkpoint_dir/snapshots (which survives a failed job, like train()'s
+    resumable checkpoints) and then copied into out_dir, so a resumed run still has the snapshots
+    taken before the interruption. With `record_losses` the loss of EVERY sample is recorded at
+    every snapshot, under the fixed per-sample draws of `seed` (forgetting scores need >= 2).
+    Returns the surrogate.json record.
+    """
+    steps = snapshot_steps(int(cfg["steps"]), num_snapshots)
+    if record_losses and num_snapshots < 2:
+        raise ValueError(f"forgetting needs >= 2 loss records; num_snapshots={num_snapshots}")
+    out_dir, work = Path(out_dir), Path(checkpoint_dir) / SNAPSHOTS
+    work.mkdir(parents=True, exist_ok=True)
+    sample_ids, in_channels = np.arange(len(images)), int(images.shape[-1])
+
+    def on_snapshot(step: int, model: torch.nn.Module) -> None:
+        if step not in steps:
+            return
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        with io.atomic_path(work / _snapshot_name(step)) as tmp:
+            torch.save(state, tmp)
+        if record_losses:
+            # Score a float32 copy, exactly what load_snapshot gives later: the training model may
+            # run its forward under accelerate's mixed-precision autocast.
+            with torch.random.fork_rng(devices=[]):  # building draws initial weights
+                snapshot = build_model(cfg, in_channels=in_channels)
+            snapshot.load_state_dict(state)
+            losses = sample_losses(
+                snapshot.to(model_device(model)),
+                images,
+                cfg=cfg,
+                sample_ids=sample_ids,
+                seed=seed,
+                batch_size=loss_batch_size,
+                progress=False,
+            )
+            io.save_npy(work / f"losses_{step:07d}.npy", losses.astype(np.float32))
+        log.info("surrogate snapshot at step %d", step)
+
+    summary = train(
+        images=images,
+        cfg=cfg,
+        seed=seed,
+        out_dir=out_dir / "model",
+        checkpoint_dir=checkpoint_dir,
+        log_dir=log_dir,
+        snapshot_every=steps[0],
+        on_snapshot=on_snapshot,
+        progress=progress,
+    )
+
+    missing = [s for s in steps if not (work / _snapshot_name(s)).exists()]
+    if record_losses:
+        missing += [s for s in steps if not (work / f"losses_{s:07d}.npy").exists()]
+    if missing:
+        raise RuntimeError(
+            f"surrogate snapshots missing for steps {sorted(set(missing))} in {work}; "
+            f"delete {checkpoint_dir} and train the surrogate again"
+        )
+    (out_dir / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        with io.atomic_path(out_dir / SNAPSHOTS / _snapshot_name(step)) as tmp:
+            shutil.copyfile(work / _snapshot_name(step), tmp)
+    if record_losses:
+        records = np.stack([np.load(work / f"losses_{s:07d}.npy") for s in steps])
+        io.save_npy(out_dir / LOSSES, records)
+    meta = {
+        "cfg": summary["cfg"],
+        "seed": seed,
+        "n": len(images),
+        "image_shape": list(images.shape[1:]),
+        "in_channels": in_channels,
+        "images_sha256": images_sha256(images),
+        "num_snapshots": num_snapshots,
+        "snapshot_steps": steps,
+        "record_losses": record_losses,
+        "seconds": summary["wall_seconds"],
+        "gpu_seconds": summary["wall_seconds"] if summary["device"].startswith("cuda") else 0.0,
+        "train": summary,
+        "code_version": io.code_version(),
+    }
+    io.save_json(out_dir / META, meta)
+    shutil.rmtree(work)  # like train()'s checkpoint: only kept until the outputs are complete
+    return meta
+
+
+def moso_subsets(n: int, *, num_subsets: int, seed: int) -> np.ndarray:
+    """Subset id (int64, (n,)) of every sample: a seeded split into near-equal disjoint parts."""
+    if not 1 <= num_subsets <= n // 2:
+        raise ValueError(
+            f"num_subsets must be in [1, n//2={n // 2}] (MoSo needs >= 2 samples per "
+            f"subset), got {num_subsets}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    subsets = np.empty(n, dtype=np.int64)
+    for k, part in enumerate(np.array_split(order, num_subsets)):
+        subsets[part] = k
+    return subsets
+
+
+def train_moso_surrogates(
+    images: np.ndarray,
+    *,
+    num_subsets: int,
+    cfg: dict,
+    seed: int,
+    out_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    num_snapshots: int = 3,
+    log_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Split the data into `num_subsets` seeded disjoint subsets; train one surrogate on each.
+
+    Surrogate k trains with seed `seed + k` in out_dir/subset_<k> (checkpoints in
+    checkpoint_dir/subset_<k>). Writes subsets.npy and moso.json; returns the moso.json record.
+    """
+    out_dir = Path(out_dir)
+    subsets = moso_subsets(len(images), num_subsets=num_subsets, seed=seed)
+    io.save_npy(out_dir / SUBSETS, subsets)
+    records = []
+    for k in range(num_subsets):
+        log.info("MoSo surrogate %d/%d", k + 1, num_subsets)
+        records.append(
+            train_surrogate(
+                np.asarray(images[subsets == k]),
+                cfg=cfg,
+                seed=seed + k,
+                out_dir=out_dir / f"subset_{k}",
+                checkpoint_dir=Path(checkpoint_dir) / f"subset_{k}",
+                num_snapshots=num_snapshots,
+                record_losses=False,
+                log_dir=None if log_dir is None else Path(log_dir) / f"subset_{k}",
+                progress=progress,
+            )
+        )
+    meta = {
+        "num_subsets": num_subsets,
+        "seed": seed,
+        "n": len(images),
+        "images_sha256": images_sha256(images),
+        "subset_sizes": np.bincount(subsets, minlength=num_subsets).tolist(),
+        "seconds": sum(r["seconds"] for r in records),
+        "gpu_seconds": sum(r["gpu_seconds"] for r in records),
+        "code_version": io.code_version(),
+    }
+    io.save_json(out_dir / MOSO_META, meta)
+    return meta
+
+
+def load_snapshot(
+    surrogate_dir: str | os.PathLike, step: int | None = None, *, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """The surrogate's model at a snapshot step (default: the last one), in eval mode."""
+    surrogate_dir = Path(surrogate_dir)
+    meta = io.load_json(surrogate_dir / META)
+    step = meta["snapshot_steps"][-1] if step is None else step
+    if step not in meta["snapshot_steps"]:
+        raise ValueError(f"no snapshot at step {step}; snapshots: {meta['snapshot_steps']}")
+    model = build_model(meta["cfg"], in_channels=meta["in_channels"])
+    state = torch.load(
+        surrogate_dir / SNAPSHOTS / _snapshot_name(step), map_location="cpu", weights_only=True
+    )
+    model.load_state_dict(state)
+    return model.to(device).eval()
