@@ -1,0 +1,228 @@
+"""Score-based rules: batched per-sample gradients against the batch-size-1 loop, MoSo against its
+formula on explicit gradients, forgetting counts, EL2N determinism, and surrogate training."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffprune.diffusion import build_model, build_scheduler, per_sample_loss
+from diffprune.errors import DataError
+from diffprune.scores import (
+    compute_scores,
+    el2n,
+    forgetting,
+    grand,
+    grand_loop,
+    moso,
+)
+from diffprune.select import select
+from diffprune.surrogate import (
+    batches,
+    load_snapshot,
+    sample_losses,
+    snapshot_steps,
+    train_moso_surrogates,
+    train_surrogate,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine two threads per process
+    oversubscribe the cores and slow these tests by 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(**overrides):
+    cfg = {
+        "model": "unet2d",
+        "objective": "ddpm",
+        "resolution": 8,
+        "block_channels": [8, 16],
+        "layers_per_block": 1,
+        "steps": 6,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "ema_decay": 0.9,
+        "checkpoint_every": 100,
+        "log_every": 100,
+        "mixed_precision": "no",
+        "device": "cpu",
+    }
+    return {**cfg, **overrides}
+
+
+def tiny_model(cfg, channels=1):
+    torch.manual_seed(0)
+    return build_model(cfg, in_channels=channels)
+
+
+def tiny_images(n, channels=1, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, channels), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("objective", "attention", "channels"),
+    [("ddpm", False, 1), ("flow", False, 3), ("ddpm", True, 1)],
+)
+def test_batched_grand_equals_batch_size_one_loop(objective, attention, channels):
+    cfg = tiny_cfg(objective=objective, attention=attention)
+    model, images = tiny_model(cfg, channels), tiny_images(7, channels)
+    batched = grand(model, images, cfg=cfg, seed=3, batch_size=4, progress=False)
+    loop = grand_loop(model, images, cfg=cfg, seed=3, progress=False)
+    assert batched.dtype == np.float64 and batched.shape == (7,)
+    np.testing.assert_allclose(batched, loop, rtol=1e-5)
+    assert np.all(batched > 0) and np.unique(batched).size == 7
+
+
+def explicit_gradients(model, images, cfg, seed):
+    """(N, P) float64 matrix of per-sample gradients over all parameters, one backward each."""
+    scheduler = build_scheduler(cfg)
+    params = list(model.parameters())
+    rows = []
+    for _, x0, noise, t in batches(
+        images, resolution=8, scheduler=scheduler, sample_ids=np.arange(len(images)), seed=seed,
+        batch_size=1,
+    ):  # fmt: skip
+        loss = per_sample_loss(model, scheduler, x0, noise=noise, timesteps=t)[0]
+        grads = torch.autograd.grad(loss, params)
+        rows.append(torch.cat([g.flatten() for g in grads]).double())
+    return torch.stack(rows).numpy()
+
+
+def test_moso_equals_formula_on_explicit_gradients():
+    cfg = tiny_cfg()
+    model, images = tiny_model(cfg), tiny_images(6)
+    G = explicit_gradients(model, images, cfg, seed=1)
+    n, g = len(G), G.mean(0)
+    direct = np.array(
+        [
+            (2 * n - 3) / (n - 1) ** 2 * g @ g
+            - 1 / (n - 1) ** 2 * gi @ gi
+            + (2 * n - 4) / (n - 1) ** 2 * (g - gi / n) @ gi
+            for gi in G
+        ]
+    )
+    streamed = moso(model, images, cfg=cfg, seed=1, batch_size=4, progress=False)
+    np.testing.assert_allclose(streamed, direct, rtol=1e-4)
+    # The per-sample terms matter: scores differ from sample to sample.
+    assert np.ptp(direct) > 1e-3 * np.abs(direct).max()
+
+
+def test_moso_needs_two_samples():
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="n=1"):
+        moso(tiny_model(cfg), tiny_images(1), cfg=cfg, progress=False)
+
+
+def test_forgetting_counts_rises_per_sample_and_selection_follows_score():
+    losses = np.array(
+        [
+            [1.0, 1.0, 1.0, 1.0],
+            [0.9, 1.2, 1.1, 0.5],
+            [0.8, 1.0, 1.3, 0.6],
+            [0.7, 1.1, 1.4, 0.7],
+        ]
+    )
+    scores = forgetting(losses)
+    np.testing.assert_array_equal(scores, [0.0, 2 / 3, 1.0, 2 / 3])
+    # Highest score first, whatever the sample index (the reference sorted by index: a bug).
+    manifest = select("forgetting", 0.5, scores=np.array([0.0, 1.0, 0.5, 2 / 3]))
+    assert manifest.loc[manifest["keep"], "sample_id"].tolist() == [1, 3]
+    with pytest.raises(ValueError, match="num_records >= 2"):
+        forgetting(losses[:1])
+
+
+def test_el2n_is_deterministic_per_seed_and_independent_of_batch_size():
+    cfg = tiny_cfg()
+    model, images = tiny_model(cfg), tiny_images(7)
+    a = el2n(model, images, cfg=cfg, seed=5, batch_size=2, progress=False)
+    b = el2n(model, images, cfg=cfg, seed=5, batch_size=7, progress=False)
+    c = el2n(model, images, cfg=cfg, seed=6, batch_size=7, progress=False)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(a, c)
+    three = el2n(model, images, cfg=cfg, seed=5, draws=3, progress=False)
+    per_draw = [
+        sample_losses(model, images, cfg=cfg, seed=5, draw_index=d, progress=False)
+        for d in range(3)
+    ]
+    np.testing.assert_allclose(three, np.mean(per_draw, axis=0))
+    np.testing.assert_allclose(per_draw[0], a, rtol=1e-6)
+    # A sample's draw depends on its sample_id, not on its position in the batch.
+    shifted = sample_losses(
+        model, images[1:], cfg=cfg, seed=5, sample_ids=np.arange(1, 7), progress=False
+    )
+    np.testing.assert_allclose(shifted, a[1:], rtol=1e-6)
+
+
+def test_snapshot_steps_are_evenly_spaced():
+    assert snapshot_steps(6, 3) == [2, 4, 6]
+    assert snapshot_steps(7, 3) == [2, 4, 6]
+    with pytest.raises(ValueError, match="num_snapshots"):
+        snapshot_steps(3, 4)
+
+
+def test_surrogate_records_losses_at_snapshots_and_scores_read_them(tmp_path):
+    cfg, images = tiny_cfg(steps=6), tiny_images(10)
+    meta = train_surrogate(
+        images, cfg=cfg, seed=0, out_dir=tmp_path / "sur", checkpoint_dir=tmp_path / "ckpt",
+        num_snapshots=3, record_losses=True, progress=False,
+    )  # fmt: skip
+    assert meta["snapshot_steps"] == [2, 4, 6]
+    assert sorted(p.name for p in (tmp_path / "sur" / "snapshots").iterdir()) == [
+        "step_0000002.pt",
+        "step_0000004.pt",
+        "step_0000006.pt",
+    ]
+    losses = np.load(tmp_path / "sur" / "losses.npy")
+    assert losses.shape == (3, 10) and losses.dtype == np.float32
+    # Each record is the loss of that snapshot's weights under the fixed per-sample draws.
+    for k, step in enumerate(meta["snapshot_steps"]):
+        model = load_snapshot(tmp_path / "sur", step)
+        np.testing.assert_allclose(
+            losses[k], sample_losses(model, images, cfg=cfg, seed=0, progress=False), rtol=1e-5
+        )
+    assert not np.allclose(losses[0], losses[-1])  # weights changed between snapshots
+
+    common = {"surrogate_dir": tmp_path / "sur", "images": images, "device": "cpu"}
+    scores, info = compute_scores("forgetting", **common, progress=False)
+    np.testing.assert_array_equal(scores, forgetting(losses))
+    scores, info = compute_scores("el2n", **common, seed=0, progress=False)
+    np.testing.assert_allclose(scores, losses[-1], rtol=1e-5)
+    assert info["seconds"] == pytest.approx(info["surrogate_seconds"] + info["scoring_seconds"])
+    assert info["gpu_seconds"] == 0.0
+    scores, _ = compute_scores("grand", **common, batch_size=4, progress=False)
+    final = load_snapshot(tmp_path / "sur")
+    np.testing.assert_allclose(scores, grand_loop(final, images, cfg=cfg, progress=False), 1e-5)
+
+    with pytest.raises(DataError, match="not the ones the surrogate"):
+        compute_scores("el2n", **{**common, "images": images[:-1]}, progress=False)
+    with pytest.raises(ValueError, match="unknown score 'loss'"):
+        compute_scores("loss", **common)
+
+
+def test_moso_surrogates_score_each_sample_in_its_own_subset(tmp_path):
+    cfg, images = tiny_cfg(steps=4), tiny_images(9)
+    meta = train_moso_surrogates(
+        images, num_subsets=2, cfg=cfg, seed=0, out_dir=tmp_path / "moso",
+        checkpoint_dir=tmp_path / "ckpt", num_snapshots=2, progress=False,
+    )  # fmt: skip
+    subsets = np.load(tmp_path / "moso" / "subsets.npy")
+    assert sorted(meta["subset_sizes"]) == [4, 5] and np.bincount(subsets).tolist() == [5, 4]
+    scores, info = compute_scores(
+        "moso", surrogate_dir=tmp_path / "moso", images=images, seed=2, device="cpu",
+        batch_size=3, progress=False,
+    )  # fmt: skip
+    expected = np.zeros(9)
+    for k in range(2):
+        ids = np.flatnonzero(subsets == k)
+        for step in (2, 4):
+            model = load_snapshot(tmp_path / "moso" / f"subset_{k}", step)
+            expected[ids] += moso(
+                model, images[ids], cfg=cfg, seed=2, sample_ids=ids, progress=False
+            )
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert info["surrogate_seconds"] == meta["seconds"] > 0
