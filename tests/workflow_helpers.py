@@ -57,6 +57,8 @@ def make_project(root: Path, params: dict) -> Path:
         ["git", "init", "-q"],
         ["git", "config", "user.email", "ci@example.com"],
         ["git", "config", "user.name", "ci"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "study definition"],
     ):
         run(cmd, root)
     return root

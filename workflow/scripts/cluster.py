@@ -1,5 +1,6 @@
 """Snakemake script for rule `cluster`: faiss k-means on the embeddings."""
 
+import faiss
 import numpy as np
 
 from diffprune import io
@@ -7,6 +8,7 @@ from diffprune.cluster import clusters_frame, kmeans
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
+faiss.omp_set_num_threads(snakemake.threads)
 cfg = snakemake.params.cluster
 embeddings = np.load(snakemake.input.embeddings)
 clustering = kmeans(
@@ -23,6 +25,7 @@ io.save_json(
     snakemake.output.meta,
     {
         "k": cfg["k"],
+        "init": cfg.get("init", "k-means++"),
         "cluster_sizes": sizes.tolist(),
         "seconds": clustering.seconds,
         "embedder": io.load_json(snakemake.input.embeddings_meta)["model"],

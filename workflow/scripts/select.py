@@ -6,7 +6,7 @@ import pandas as pd
 from diffprune import io
 from diffprune.logs import setup, stopwatch
 from diffprune.paths import FULL, Run
-from diffprune.select import full_manifest, manifest_summary, select
+from diffprune.select import direction, full_manifest, manifest_summary, select
 
 setup(snakemake.log[0])
 run, seed = Run.parse(snakemake.wildcards.run), int(snakemake.wildcards.seed)
@@ -15,6 +15,7 @@ n = len(pd.read_parquet(inputs.index, columns=["sample_id"]))
 clusters = pd.read_parquet(inputs.clusters) if inputs.get("clusters") else None
 scores = np.load(inputs.scores) if inputs.get("scores") else None
 
+order = snakemake.params.select.get("balanced_order", "furthest")
 with stopwatch() as timing:
     if run.method == FULL:
         manifest = full_manifest(n)
@@ -26,7 +27,7 @@ with stopwatch() as timing:
             clusters=clusters,
             scores=scores,
             seed=seed,
-            balanced_order=snakemake.params.select.get("balanced_order", "furthest"),
+            balanced_order=order,
         )
 
 # The compute a selection cost includes the upstream stages it needed (the paper's cost argument).
@@ -44,6 +45,7 @@ io.save_json(
         "method": run.method,
         "ratio": run.ratio,
         "seed": seed,
+        "direction": "all" if run.method == FULL else direction(run.method, balanced_order=order),
         "k": snakemake.params.cluster["k"] if clusters is not None else None,
         "embedder": io.load_json(inputs.embeddings_meta)["model"] if clusters is not None else None,
         **manifest_summary(manifest),
