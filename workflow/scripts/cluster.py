@@ -16,6 +16,7 @@ clustering = kmeans(
     k=cfg["k"],
     iterations=cfg["iterations"],
     seed=cfg["seed"],
+    init=cfg.get("init", "k-means++"),
     device=cfg.get("device", "auto"),
 )
 io.save_parquet(snakemake.output.clusters, clusters_frame(clustering))
