@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffprune.data import to_model_input
 from diffprune.diffusion import build_model, build_scheduler, per_sample_loss
 from diffprune.errors import DataError
 from diffprune.scores import (
@@ -18,6 +19,7 @@ from diffprune.scores import (
 from diffprune.select import select
 from diffprune.surrogate import (
     batches,
+    fixed_draws,
     load_snapshot,
     sample_losses,
     snapshot_steps,
@@ -156,6 +158,20 @@ def test_el2n_is_deterministic_per_seed_and_independent_of_batch_size():
         model, images[1:], cfg=cfg, seed=5, sample_ids=np.arange(1, 7), progress=False
     )
     np.testing.assert_allclose(shifted, a[1:], rtol=1e-6)
+
+
+def test_fixed_timestep_keeps_the_per_sample_noise():
+    cfg, images = tiny_cfg(), tiny_images(3)
+    x0 = to_model_input(images, 8)
+    scheduler = build_scheduler(cfg)
+    noise, t = fixed_draws(x0, np.arange(3), scheduler, seed=0)
+    fixed_noise, fixed_t = fixed_draws(x0, np.arange(3), scheduler, seed=0, timestep=500)
+    assert fixed_t.tolist() == [500, 500, 500] and t.unique().numel() == 3
+    torch.testing.assert_close(fixed_noise, noise)
+    model = tiny_model(cfg)
+    expected = per_sample_loss(model, scheduler, x0, noise=noise, timesteps=fixed_t)
+    scores = el2n(model, images, cfg=cfg, timestep=500, progress=False)
+    np.testing.assert_allclose(scores, expected.detach().numpy(), rtol=1e-6)
 
 
 def test_snapshot_steps_are_evenly_spaced():
