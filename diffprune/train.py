@@ -1,0 +1,364 @@
+"""Train a diffusion model on the kept subset: one readable loop in the style of DiT's train.py.
+
+Every run takes the same number of optimiser steps (``cfg["steps"]``, the paper's rule), whatever
+the subset size. Each step draws ``batch_size`` images uniformly WITH replacement from the subset
+(no epochs), plus noise and timesteps, all from a CPU generator seeded by (seed, process, step):
+a step's batch depends on nothing else, which makes resuming exact without saving sampler state.
+
+Checkpoints: every ``checkpoint_every`` steps (and at the last step) the model, EMA, optimizer,
+step, torch RNG states, loss history and the run key (hash of the config, seed, image count and
+image content, process count) are written atomically to ``checkpoint_dir/latest.pt``. A new call
+resumes from it when the key matches, else it starts over and logs why. The checkpoint is deleted
+once the final model is written (``keep_checkpoint=True`` keeps it).
+
+Output: the EMA weights in diffusers' pipeline layout (``model_index.json``, ``unet/``,
+``scheduler/``; a DDPM model loads with ``diffusers.DDPMPipeline.from_pretrained``), plus
+``train.json`` (cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...), written
+atomically as one folder. ``load_model`` reads it back.
+
+Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
+calls ``train()`` runs data-parallel when started with
+``accelerate launch --multi_gpu --num_processes N script.py`` (a Snakemake rule does this with a
+``shell:`` directive, since ``script:`` runs Python itself). ``cfg["batch_size"]`` is the GLOBAL
+batch, split evenly over the processes, each drawing its own batches; only the main process logs,
+calls ``on_snapshot`` and writes checkpoints and the final model. Mixed precision (accelerate's
+autocast): ``"auto"`` is bf16 on CUDA and off on CPU; the loss itself is computed in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from dvclive import Live
+from tqdm.auto import tqdm
+
+from diffprune import io
+from diffprune.data import to_model_input
+from diffprune.device import resolve_device
+from diffprune.diffusion import (
+    MODELS,
+    build_model,
+    build_scheduler,
+    draw,
+    per_sample_loss,
+    resolve_config,
+    scheduler_class,
+)
+from diffprune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "latest.pt"
+SUMMARY = "train.json"
+# Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint.
+RESUME_NEUTRAL = ("checkpoint_every", "log_every")
+
+
+def train(
+    *,
+    images: np.ndarray,
+    cfg: dict,
+    seed: int,
+    out_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    log_dir: str | os.PathLike | None = None,
+    snapshot_every: int | None = None,
+    on_snapshot: Callable[[int, torch.nn.Module], None] | None = None,
+    progress: bool = True,
+    keep_checkpoint: bool = False,
+) -> dict:
+    """Train on `images` (uint8 NHWC, the KEPT subset only) and write the EMA model to `out_dir`.
+
+    `on_snapshot(step, model)` is called with the (unwrapped, training-mode) model after every
+    `snapshot_every`-th step, before that step's checkpoint is written, so a crash inside it is
+    retried on resume. It must leave the model's weights and mode as it found them.
+    Returns the train.json summary.
+    """
+    start_time = time.perf_counter()
+    cfg = resolve_config(cfg)
+    _check_images(images)
+    if snapshot_every is not None and snapshot_every < 1:
+        raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
+
+    # Setup: accelerator (devices, mixed precision, processes) and seeds.
+    accelerator = _accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if cfg["batch_size"] % world:
+        raise ConfigError(
+            f"train.batch_size {cfg['batch_size']} must be divisible by the {world} processes"
+        )
+    local_batch = cfg["batch_size"] // world
+    set_seed(seed)  # python, numpy and torch global RNGs: model initialisation
+
+    # Data: the whole kept subset as model input on the device, once.
+    data = to_model_input(images, cfg["resolution"]).to(device)
+    n_images = data.shape[0]
+
+    # Model, EMA, optimizer.
+    model = build_model(cfg, in_channels=data.shape[1]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    scheduler = build_scheduler(cfg)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
+    )
+
+    # Resume from the latest checkpoint when it belongs to this run.
+    key = _run_key(cfg, seed=seed, images=images, num_processes=world)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT
+    state = _load_checkpoint(checkpoint, key)
+    first_step, history, past_seconds = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        first_step, history = state["step"], [tuple(row) for row in state["history"]]
+        past_seconds = state["wall_seconds"]
+        log.info("resuming from %s at step %d", checkpoint, first_step)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "training %s/%s (%d parameters) on %d images for %d steps, global batch %d on %d x %s",
+        cfg["model"], cfg["objective"], n_params, n_images, cfg["steps"], cfg["batch_size"],
+        world, device,
+    )  # fmt: skip
+
+    # Loop.
+    main = accelerator.is_main_process
+    running, count, loop_start = torch.zeros((), device=device), 0, time.perf_counter()
+    bar = tqdm(
+        range(first_step + 1, cfg["steps"] + 1),
+        initial=first_step,
+        total=cfg["steps"],
+        desc="train",
+        disable=not (progress and main),
+    )
+    with _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live:
+        for step in bar:
+            generator = _step_generator(seed, rank, step)
+            rows = torch.randint(0, n_images, (local_batch,), generator=generator)
+            x0 = data[rows.to(device)]
+            noise, timesteps = draw(x0, scheduler, generator=generator)
+            loss = per_sample_loss(
+                model, scheduler, x0, noise=noise, timesteps=timesteps, objective=cfg["objective"]
+            ).mean()
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            _update_ema(ema, accelerator.unwrap_model(model), decay=cfg["ema_decay"])
+
+            running += loss.detach()
+            count += 1
+            if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                mean_loss = accelerator.reduce(running / count, reduction="mean").item()
+                running.zero_()
+                count = 0
+                history.append((step, mean_loss))
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                log.info("step %d/%d loss %.5f", step, cfg["steps"], mean_loss)
+                if live is not None:
+                    _log_loss(live, step, mean_loss)
+            if on_snapshot is not None and snapshot_every and step % snapshot_every == 0 and main:
+                on_snapshot(step, accelerator.unwrap_model(model))
+            if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+                if main:
+                    _save_checkpoint(
+                        checkpoint,
+                        key=key,
+                        step=step,
+                        model=accelerator.unwrap_model(model),
+                        ema=ema,
+                        optimizer=optimizer,
+                        scaler=accelerator.scaler,
+                        history=history,
+                        wall_seconds=past_seconds + time.perf_counter() - start_time,
+                    )
+                accelerator.wait_for_everyone()
+    loop_seconds = time.perf_counter() - loop_start
+
+    # Final EMA weights and summary.
+    summary = {
+        "cfg": cfg,
+        "seed": seed,
+        "n_images": n_images,
+        "images_sha256": key["images_sha256"],
+        "steps": cfg["steps"],
+        "resumed_from_step": first_step,
+        "steps_per_second": (cfg["steps"] - first_step) / loop_seconds if loop_seconds else None,
+        "wall_seconds": past_seconds + time.perf_counter() - start_time,
+        "final_loss": history[-1][1] if history else None,
+        "device": str(device),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": world,
+        "parameters": n_params,
+        "code_version": io.code_version(),
+    }
+    if main:
+        save_model(ema, scheduler, out_dir, cfg=cfg, summary=summary)
+        if not keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)
+        log.info("wrote %s (final loss %s)", out_dir, summary["final_loss"])
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def save_model(
+    model: torch.nn.Module,
+    scheduler,
+    out_dir: str | os.PathLike,
+    *,
+    cfg: dict,
+    summary: dict[str, Any] | None = None,
+) -> None:
+    """Write a model folder atomically: diffusers' pipeline layout plus train.json (cfg + summary).
+
+    A UNet trained with DDPM is saved by ``DDPMPipeline.save_pretrained`` itself; other
+    combinations get the same layout (``<component>/``, ``scheduler/``) without model_index.json.
+    """
+    cfg = resolve_config(cfg)
+    with io.atomic_path(out_dir, directory=True) as tmp:
+        if isinstance(model, UNet2DModel) and isinstance(scheduler, DDPMScheduler):
+            DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp / MODELS[cfg["model"]].subfolder)
+            scheduler.save_pretrained(tmp / "scheduler")
+        io.save_json(tmp / SUMMARY, {**(summary or {}), "cfg": cfg})
+
+
+def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict]:
+    """(model in eval mode on the CPU, scheduler, train cfg) from a folder written by `train`."""
+    model_dir = Path(model_dir)
+    if not (model_dir / SUMMARY).is_file():
+        raise DataError(
+            f"{model_dir} is not a trained model folder (no {SUMMARY}); run train first"
+        )
+    cfg = resolve_config(io.load_json(model_dir / SUMMARY)["cfg"])
+    spec = MODELS[cfg["model"]]
+    model = spec.cls.from_pretrained(model_dir, subfolder=spec.subfolder)
+    scheduler = scheduler_class(cfg["objective"]).from_pretrained(model_dir, subfolder="scheduler")
+    return model.eval(), scheduler, cfg
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+        raise DataError(
+            f"train needs uint8 images (N,H,W,C) with N >= 1, got {images.dtype}{images.shape}"
+        )
+
+
+def _accelerator(cfg: dict) -> Accelerator:
+    device = resolve_device(cfg["device"])
+    precision = cfg["mixed_precision"]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "no"
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        # Not started by a distributed launcher: forget the process-wide state of an earlier call,
+        # which accelerate refuses to change, so one process can train with other settings too
+        # (as accelerate's own test utilities do).
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+
+
+def _run_key(cfg: dict, *, seed: int, images: np.ndarray, num_processes: int) -> dict:
+    """What a checkpoint must match to be resumed."""
+    relevant = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL}
+    cfg_text = json.dumps(relevant, sort_keys=True)
+    images_hash = hashlib.sha256(f"{images.shape}".encode())
+    images_hash.update(np.ascontiguousarray(images).data)
+    return {
+        "cfg_sha256": hashlib.sha256(cfg_text.encode()).hexdigest(),
+        "seed": seed,
+        "n_images": len(images),
+        "images_sha256": images_hash.hexdigest(),
+        "num_processes": num_processes,
+    }
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, process, step)."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, *, decay: float) -> None:
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    """Global RNGs are not used by the loop itself; restored so that modules with dropout resume
+    exactly too."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(
+    path: Path, *, key, step, model, ema, optimizer, scaler, history, wall_seconds
+):
+    state = {
+        "key": key,
+        "step": step,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(),
+        "history": history,
+        "wall_seconds": wall_seconds,
+    }
+    with io.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    log.info("checkpoint at step %d -> %s", step, path)
+
+
+def _load_checkpoint(path: Path, key: dict) -> dict | None:
+    """The checkpoint's state (tensors on the CPU; load_state_dict moves them), if it matches."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    differs = sorted(name for name in key if state["key"].get(name) != key[name])
+    if differs:
+        log.warning("ignoring checkpoint %s: %s differ from this run; starting over", path, differs)
+        return None
+    return state
+
+
+def _live(log_dir: str | os.PathLike, history: list[tuple[int, float]]) -> Live:
+    """A fresh dvclive folder, with the loss history of a resumed run replayed into it."""
+    live = Live(dir=str(log_dir), save_dvc_exp=False, dvcyaml=None)
+    for step, loss in history:
+        _log_loss(live, step, loss)
+    return live
+
+
+def _log_loss(live: Live, step: int, loss: float) -> None:
+    live.step = step
+    live.log_metric("loss", loss)
+    live.make_summary()

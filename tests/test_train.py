@@ -1,0 +1,234 @@
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from diffprune import io
+from diffprune.diffusion import build_model, build_scheduler, draw, per_sample_loss
+from diffprune.errors import DataError
+from diffprune.train import CHECKPOINT, load_model, save_model, train
+
+TINY = {
+    "model": "unet2d",
+    "objective": "ddpm",
+    "resolution": 8,
+    "block_channels": [8, 16],
+    "layers_per_block": 1,
+    "steps": 6,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "ema_decay": 0.9,
+    "checkpoint_every": 3,
+    "log_every": 1,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides):
+    return {**TINY, **overrides}
+
+
+def images(n=12, seed=0, size=8):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+def run(tmp_path, name, **kwargs):
+    kwargs = {"images": images(), "cfg": TINY, "seed": 0, "progress": False, **kwargs}
+    return train(
+        out_dir=tmp_path / name / "model", checkpoint_dir=tmp_path / name / "ckpt", **kwargs
+    )
+
+
+def state_of(model_dir):
+    return load_model(model_dir)[0].state_dict()
+
+
+def same_weights(dir_a, dir_b):
+    a, b = state_of(dir_a), state_of(dir_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(crash_step):
+    def on_snapshot(step, model):
+        assert model.training
+        if step == crash_step:
+            raise Crash(f"simulated crash at step {step}")
+
+    return on_snapshot
+
+
+def mean_loss(model, cfg, x0, seed=123):
+    scheduler = build_scheduler(cfg)
+    noise, t = draw(x0, scheduler, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return per_sample_loss(
+            model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
+        ).mean()
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_training_reduces_loss_on_constant_images(tmp_path, objective):
+    cfg = tiny(objective=objective, steps=60, batch_size=16, log_every=10, checkpoint_every=30)
+    flat = np.full((10, 8, 8, 1), 200, dtype=np.uint8)
+    summary = train(
+        images=flat,
+        cfg=cfg,
+        seed=0,
+        out_dir=tmp_path / "model",
+        checkpoint_dir=tmp_path / "ckpt",
+        log_dir=tmp_path / "live",
+        progress=False,
+    )
+    torch.manual_seed(0)  # the same initial weights as the run (train seeds before building)
+    initial = build_model(cfg, in_channels=1).eval()
+    trained, _, saved_cfg = load_model(tmp_path / "model")
+    x0 = torch.full((256, 1, 8, 8), 200 / 127.5 - 1)
+    before, after = mean_loss(initial, cfg, x0), mean_loss(trained, cfg, x0)
+    assert after < 0.5 * before, (before, after)
+
+    assert saved_cfg["objective"] == objective and saved_cfg["num_train_timesteps"] == 1000
+    record = io.load_json(tmp_path / "model" / "train.json")
+    assert record == {**summary, "cfg": saved_cfg}
+    assert record["n_images"] == 10 and record["steps"] == 60 and record["seed"] == 0
+    assert record["device"] == "cpu" and record["mixed_precision"] == "no"
+    assert record["wall_seconds"] > 0 and record["resumed_from_step"] == 0
+    curve = pd.read_csv(tmp_path / "live" / "plots" / "metrics" / "loss.tsv", sep="\t")
+    assert curve["step"].tolist() == [10, 20, 30, 40, 50, 60]
+    assert record["final_loss"] == pytest.approx(curve["loss"].iloc[-1])
+    assert curve["loss"].iloc[-1] < 0.5 * curve["loss"].iloc[0]
+    assert not (tmp_path / "ckpt" / CHECKPOINT).exists()  # removed after success
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
+    clean = run(tmp_path, "clean", keep_checkpoint=True)
+
+    with pytest.raises(Crash):
+        run(
+            tmp_path, "crashed", snapshot_every=1, on_snapshot=crash_at(4), log_dir=tmp_path / "log"
+        )
+    checkpoint = tmp_path / "crashed" / "ckpt" / CHECKPOINT
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    assert not (tmp_path / "crashed" / "model").exists()
+
+    snapshots = []
+    resumed = run(
+        tmp_path,
+        "crashed",
+        snapshot_every=2,
+        on_snapshot=lambda step, model: snapshots.append(step),
+        log_dir=tmp_path / "log",
+        keep_checkpoint=True,
+    )
+    assert resumed["resumed_from_step"] == 3 and clean["resumed_from_step"] == 0
+    assert snapshots == [4, 6]
+    assert resumed["final_loss"] == clean["final_loss"]
+    assert same_weights(tmp_path / "clean" / "model", tmp_path / "crashed" / "model")
+    # the training weights and optimizer state too, not only the EMA
+    a = torch.load(tmp_path / "clean" / "ckpt" / CHECKPOINT, weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    for name, expected in a["model"].items():
+        assert torch.equal(b["model"][name], expected), name
+    assert a["optimizer"]["state"][0]["exp_avg_sq"].equal(b["optimizer"]["state"][0]["exp_avg_sq"])
+    # the loss curve holds each step once: the resumed run replays the checkpoint's history
+    curve = pd.read_csv(tmp_path / "log" / "plots" / "metrics" / "loss.tsv", sep="\t")
+    assert curve["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert curve["loss"].iloc[-1] == pytest.approx(clean["final_loss"])
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"seed": 1}, "seed"),
+        ({"images": images(seed=5)}, "images_sha256"),
+        ({"cfg": tiny(lr=1e-3)}, "cfg_sha256"),
+    ],
+)
+def test_checkpoint_of_another_run_is_ignored(tmp_path, caplog, change, reason):
+    with pytest.raises(Crash):
+        run(tmp_path, "a", snapshot_every=1, on_snapshot=crash_at(4))
+    with caplog.at_level(logging.WARNING, logger="diffprune.train"):
+        summary = run(tmp_path, "a", **change)
+    assert summary["resumed_from_step"] == 0
+    assert "ignoring checkpoint" in caplog.text and reason in caplog.text
+    run(tmp_path, "b", **change)
+    assert same_weights(tmp_path / "a" / "model", tmp_path / "b" / "model")
+
+
+def test_log_and_checkpoint_cadence_do_not_invalidate_a_checkpoint(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, "a", snapshot_every=1, on_snapshot=crash_at(4))
+    summary = run(tmp_path, "a", cfg=tiny(log_every=2, checkpoint_every=5))
+    assert summary["resumed_from_step"] == 3
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    run(tmp_path, "a")
+    run(tmp_path, "b")
+    run(tmp_path, "c", seed=1)
+    assert same_weights(tmp_path / "a" / "model", tmp_path / "b" / "model")
+    assert not same_weights(tmp_path / "a" / "model", tmp_path / "c" / "model")
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, objective):
+    cfg = tiny(objective=objective, attention=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=3).eval()
+    save_model(model, build_scheduler(cfg), tmp_path / "m", cfg=cfg, summary={"note": "random"})
+    loaded, scheduler, loaded_cfg = load_model(tmp_path / "m")
+    assert not loaded.training and loaded_cfg["objective"] == objective
+    assert type(scheduler) is type(build_scheduler(cfg))
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(scheduler.config) == public(build_scheduler(cfg).config)
+    assert io.load_json(tmp_path / "m" / "train.json")["note"] == "random"
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, model(x, t).sample)
+    if objective == "ddpm":  # a standard diffusers pipeline folder
+        pipeline = DDPMPipeline.from_pretrained(tmp_path / "m")
+        assert torch.equal(pipeline.unet.conv_in.weight, model.conv_in.weight)
+
+
+def test_save_model_replaces_folder_atomically(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "stale.txt").write_text("old")
+    torch.manual_seed(0)
+    save_model(build_model(TINY, in_channels=1), build_scheduler(TINY), tmp_path / "m", cfg=TINY)
+    assert not (tmp_path / "m" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
+
+
+def test_mixed_precision_settings_can_change_within_one_process(tmp_path):
+    """bf16 autocast (CPU here, CUDA in the study) trains; a later call may use other settings."""
+    bf16 = run(tmp_path, "bf16", cfg=tiny(mixed_precision="bf16", steps=2))
+    full = run(tmp_path, "fp32", cfg=tiny(mixed_precision="no", steps=2))
+    assert bf16["mixed_precision"] == "bf16" and full["mixed_precision"] == "no"
+    assert np.isfinite(bf16["final_loss"]) and bf16["final_loss"] != full["final_loss"]
+
+
+def test_bad_images_and_missing_model_raise(tmp_path):
+    with pytest.raises(DataError, match="uint8 images"):
+        run(tmp_path, "x", images=images().astype(np.float32))
+    with pytest.raises(DataError, match="N >= 1"):
+        run(tmp_path, "x", images=images()[:0])
+    with pytest.raises(DataError, match=r"no train\.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="snapshot_every must be >= 1"):
+        run(tmp_path, "x", snapshot_every=0)
