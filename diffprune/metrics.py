@@ -5,8 +5,10 @@ Fréchet distance and KID are clean-fid's own functions (`cleanfid.fid.frechet_d
 feature space they are computed in (and therefore what a table should call them) is decided by
 `diffprune.features`.
 
-Pairwise distances are computed in row chunks of `batch_size` queries (float64, via
-|a|^2 + |b|^2 - 2ab), so 10k x 10k sets need about 80 MB at a time, never the full matrix.
+Pairwise distances are computed in row chunks of at most `batch_size` queries (float64, via
+|a|^2 + |b|^2 - 2ab), fewer when the other set is large, so that one chunk's distance matrix
+never exceeds `MAX_CHUNK_CELLS` entries (128 MB): 10k x 10k or 12.8k x 60k sets never need the
+full matrix.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ STATS_KEYS = ("mu", "sigma", "features")
 #: Added to every bin of the second distribution before KL, so a missing class or mode gives a
 #: large finite divergence (about p_c * log(p_c / eps) per missing bin) instead of infinity.
 KL_EPS = 1e-6
+
+MAX_CHUNK_CELLS = 2**24
 
 
 # --- reference statistics -------------------------------------------------------------------
@@ -205,7 +209,7 @@ def nearest_centroid(
     if x.shape[1] != c.shape[1]:
         raise ValueError(f"feature dims differ: {x.shape[1]} vs centroids {c.shape[1]}")
     return np.concatenate(
-        [_squared_distances(chunk, c).argmin(axis=1) for chunk in _chunks(x, batch_size)]
+        [_squared_distances(chunk, c).argmin(axis=1) for _, chunk in _chunks(x, batch_size, c)]
     ).astype(np.int64)
 
 
@@ -284,9 +288,11 @@ def _global_numpy_seed(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-def _chunks(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(x), batch_size):
-        yield x[start : start + batch_size]
+def _chunks(x: np.ndarray, batch_size: int, other: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, rows of x) such that rows x `other` distances stay under MAX_CHUNK_CELLS."""
+    rows = max(1, min(batch_size, MAX_CHUNK_CELLS // len(other)))
+    for start in range(0, len(x), rows):
+        yield start, x[start : start + rows]
 
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -298,7 +304,7 @@ def _kth_neighbour_sq_distance(x: np.ndarray, k: int, batch_size: int) -> np.nda
     """Squared distance of each row to its k-th nearest other row (index k; index 0 is itself)."""
     radii2 = [
         np.partition(_squared_distances(chunk, x), k, axis=1)[:, k]
-        for chunk in _chunks(x, batch_size)
+        for _, chunk in _chunks(x, batch_size, x)
     ]
     return np.concatenate(radii2)
 
@@ -309,7 +315,7 @@ def _share_inside(
     """Share of queries within at least one ball (centre j, squared radius radii2[j])."""
     inside = [
         (_squared_distances(chunk, centres) <= radii2[None, :]).any(axis=1)
-        for chunk in _chunks(queries, batch_size)
+        for _, chunk in _chunks(queries, batch_size, centres)
     ]
     return float(np.concatenate(inside).mean())
 
@@ -324,11 +330,10 @@ def _nearest_distance(
     not match (itself, when queries are drawn from ref).
     """
     nearest = []
-    for i, chunk in enumerate(_chunks(queries, batch_size)):
+    for start, chunk in _chunks(queries, batch_size, ref):
         d = _squared_distances(chunk, ref)
         if exclude is not None:
-            rows = np.arange(len(chunk))
-            d[rows, exclude[i * batch_size : i * batch_size + len(chunk)]] = np.inf
+            d[np.arange(len(chunk)), exclude[start : start + len(chunk)]] = np.inf
         nearest.append(d.argmin(axis=1))
     return np.linalg.norm(queries - ref[np.concatenate(nearest)], axis=1)
 

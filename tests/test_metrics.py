@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from diffprune import metrics
 from diffprune.errors import DataError
 from diffprune.metrics import (
     KL_EPS,
@@ -81,9 +82,9 @@ def test_reference_stats_round_trip(tmp_path):
 
 
 def test_kid_near_zero_for_same_distribution_and_positive_when_shifted():
-    a = gaussian(600, 16, seed=4)
-    same = kid(a, gaussian(600, 16, seed=5))
-    shifted = kid(a, gaussian(600, 16, seed=6, shift=1.0))
+    a = gaussian(300, 16, seed=4)
+    same = kid(a, gaussian(300, 16, seed=5))
+    shifted = kid(a, gaussian(300, 16, seed=6, shift=1.0))
     assert abs(same) < 0.02
     assert shifted > 0.5
     assert shifted > 50 * abs(same)
@@ -134,10 +135,12 @@ def test_precision_high_recall_low_for_a_collapsed_generator():
     assert precision > 0.95 and recall < 0.3
 
 
-def test_precision_recall_chunking_matches_brute_force():
+def test_precision_recall_chunking_matches_brute_force(monkeypatch):
     real, fake = gaussian(97, 3, seed=15), gaussian(83, 3, seed=16, shift=0.5)
     expected = brute_precision_recall(real, fake, 3)
     assert precision_recall(real, fake, k=3, batch_size=10) == pytest.approx(expected)
+    assert precision_recall(real, fake, k=3, batch_size=1000) == pytest.approx(expected)
+    monkeypatch.setattr(metrics, "MAX_CHUNK_CELLS", 500)  # large sets: chunks shrink to 5 rows
     assert precision_recall(real, fake, k=3, batch_size=1000) == pytest.approx(expected)
     assert precision_recall(real, fake, k=5) == pytest.approx(brute_precision_recall(real, fake, 5))
 
@@ -186,7 +189,7 @@ def test_novelty_measures_the_nearest_training_sample():
     assert result["near_copy_threshold"] == 1.0
 
 
-def test_novelty_default_threshold_is_first_percentile_of_train_nn_distances():
+def test_novelty_default_threshold_is_first_percentile_of_train_nn_distances(monkeypatch):
     train = gaussian(300, 4, seed=20)
     d = np.linalg.norm(train[:, None] - train[None], axis=-1)
     np.fill_diagonal(d, np.inf)
@@ -194,6 +197,9 @@ def test_novelty_default_threshold_is_first_percentile_of_train_nn_distances():
     # the subset is the whole set here, so the threshold is exact
     result = novelty(gaussian(100, 4, seed=21), train, threshold_subset=300, batch_size=64)
     assert result["near_copy_threshold"] == pytest.approx(expected)
+    monkeypatch.setattr(metrics, "MAX_CHUNK_CELLS", 3000)  # 10-row chunks
+    assert novelty(gaussian(100, 4, seed=21), train, threshold_subset=300) == result
+    monkeypatch.undo()
     # a seeded subset: deterministic, and close to the full value
     a = novelty(train[:10], train, threshold_subset=100, seed=3)["near_copy_threshold"]
     assert a == novelty(train[:10], train, threshold_subset=100, seed=3)["near_copy_threshold"]
