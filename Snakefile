@@ -16,4 +16,4 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        report_outputs(),
+        rules.report.output,

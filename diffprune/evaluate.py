@@ -1,4 +1,9 @@
-"""Score one run's generated samples against the cached held-out references."""
+"""Score one run's generated samples against cached real-image references.
+
+Real images are first brought to the generative model's resolution (the same antialiased resize
+that training uses), so that generated and real images differ only in what the model learnt.
+Every metric is computed in each configured feature space and named `<metric>_<space>`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from diffprune.features import FEATURE_LABELS, extract, load_feature_extractor
-from diffprune.metrics import frechet_distance, kid, load_reference
+from diffprune import classifier as cnn
+from diffprune.data import to_model_input, to_uint8
+from diffprune.features import FEATURE_LABELS, FeatureExtractor, extract, load_feature_extractor
+from diffprune.metrics import (
+    class_shares,
+    coverage,
+    frechet_distance,
+    kid,
+    kl_divergence,
+    load_reference,
+    nearest_centroid,
+    novelty,
+    precision_recall,
+    vendi,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,34 +38,92 @@ def metric_key(feature: str) -> str:
     return feature.replace("-", "_")
 
 
-def evaluate_samples(
-    samples: np.ndarray,
+def at_resolution(images: np.ndarray, resolution: int, *, batch_size: int = 4096) -> np.ndarray:
+    """uint8 NHWC images resized to `resolution` exactly as training sees them."""
+    return np.concatenate(
+        [
+            to_uint8(to_model_input(np.asarray(images[i : i + batch_size]), resolution))
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+def feature_extractor(
+    feature: str,
     *,
-    references: Mapping[str, str | os.PathLike],
     resolution: int,
     classifier_path: str | os.PathLike | None = None,
     image_size: int = 64,
     inception_weights: str | None = None,
-    batch_size: int = 256,
     device: str = "auto",
+) -> FeatureExtractor:
+    return load_feature_extractor(
+        feature,
+        resolution=resolution,
+        classifier_path=classifier_path,
+        image_size=image_size,
+        inception_weights=inception_weights,
+        device=device,
+    )
+
+
+def evaluate_samples(
+    samples: np.ndarray,
+    *,
+    extractors: Mapping[str, FeatureExtractor],
+    test_references: Mapping[str, str | os.PathLike],
+    train_references: Mapping[str, str | os.PathLike],
+    modes: Mapping[str, str | os.PathLike],
+    kept_ids: np.ndarray,
+    batch_size: int = 256,
+    pr_k: int = 3,
 ) -> dict[str, Any]:
-    """Fréchet distance and KID in every feature space of `references` (feature -> .npz)."""
+    """Fidelity, diversity, novelty and mode coverage of `samples` in every feature space.
+
+    Per space `s`: `fd_s`, `kid_s` and `precision_s`/`recall_s` against the held-out test images;
+    `vendi_s` of the samples; `novelty_*_s` (nearest-neighbour distance to the full training set
+    and `novelty_kept_*_s` to the kept subset); `mode_coverage_s` and `occupancy_kl_s` against
+    k-means modes of the full training set.
+    """
     metrics: dict[str, Any] = {"num_samples": len(samples), "feature_extractors": {}}
-    for feature, reference_path in references.items():
-        extractor = load_feature_extractor(
-            feature,
-            resolution=resolution,
-            classifier_path=classifier_path,
-            image_size=image_size,
-            inception_weights=inception_weights,
-            device=device,
-        )
-        generated = extract(extractor, samples, batch_size=batch_size)
-        reference = load_reference(reference_path)
+    for feature, extractor in extractors.items():
         key = metric_key(feature)
-        metrics[f"fd_{key}"] = frechet_distance(generated, reference)
-        metrics[f"kid_{key}"] = kid(generated, reference["features"])
+        generated = extract(extractor, samples, batch_size=batch_size)
+        test = load_reference(test_references[feature])
+        train = load_reference(train_references[feature])["features"]
+        precision, recall = precision_recall(test["features"], generated, k=pr_k)
+        metrics |= {
+            f"fd_{key}": frechet_distance(generated, test),
+            f"kid_{key}": kid(generated, test["features"]),
+            f"precision_{key}": precision,
+            f"recall_{key}": recall,
+            f"vendi_{key}": vendi(generated),
+        }
+        metrics |= {f"{k}_{key}": v for k, v in novelty(generated, train).items()}
+        kept = novelty(generated, train[kept_ids])
+        metrics |= {f"novelty_kept_{k.removeprefix('novelty_')}_{key}": v for k, v in kept.items()}
+        centroids = np.load(modes[feature])
+        real_assign = nearest_centroid(train, centroids)
+        gen_assign = nearest_centroid(generated, centroids)
+        metrics |= {
+            f"{k}_{key}": v for k, v in coverage(gen_assign, real_assign, k=len(centroids)).items()
+        }
         metrics["feature_extractors"][key] = FEATURE_LABELS[feature]
-        metrics["num_reference"] = len(reference["features"])
+        metrics["num_reference"] = len(test["features"])
         log.info("%s: FD %.3f", FEATURE_LABELS[feature], metrics[f"fd_{key}"])
     return metrics
+
+
+def class_balance(
+    samples: np.ndarray, *, classifier_path: str | os.PathLike, train_labels: np.ndarray
+) -> dict[str, Any]:
+    """Shares of the classes the evaluation classifier sees in the samples, against the data's."""
+    model = cnn.load_classifier(classifier_path)
+    num_classes = int(model.config["num_classes"])
+    generated = class_shares(cnn.predict(model, samples), num_classes)
+    real = class_shares(np.asarray(train_labels), num_classes)
+    return {
+        "class_shares": generated.round(6).tolist(),
+        "class_kl": kl_divergence(real, generated),
+        "class_share_min": float(generated.min()),
+    }

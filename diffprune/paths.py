@@ -132,18 +132,37 @@ def classifier_metrics() -> Path:
     return RESULTS / "classifier.json"
 
 
-def reference(feature: str) -> Path:
-    """Features and Gaussian statistics of the held-out real images in one feature space."""
-    return DATA / "reference" / f"{feature}.npz"
+def reference(split: str, feature: str) -> Path:
+    """Features and Gaussian statistics of one split's real images in one feature space."""
+    return DATA / "reference" / split / f"{feature}.npz"
+
+
+def modes(feature: str) -> Path:
+    """k-means centroids of the training images in one feature space (for mode coverage)."""
+    return DATA / "reference" / "modes" / f"{feature}.npy"
 
 
 # report
 def report_table(metric: str, ext: str) -> Path:
-    return RESULTS / f"{metric}.{ext}"
+    return RESULTS / "tables" / f"{metric}.{ext}"
 
 
-def report_plot(metric: str) -> Path:
-    return RESULTS / f"{metric}.png"
+def report_plot(name: str) -> Path:
+    return RESULTS / "plots" / f"{name}.png"
+
+
+def report_markdown() -> Path:
+    """Every table with its caption, for the README."""
+    return RESULTS / "report.md"
+
+
+def summary() -> Path:
+    """One row per run and seed with every metric."""
+    return RESULTS / "summary.csv"
+
+
+def sample_mosaic() -> Path:
+    return RESULTS / "samples.png"
 
 
 def log(rule: str, name: str = "") -> Path:

@@ -14,24 +14,34 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from diffprune import io
 from diffprune.paths import FULL
 
 SUMMARY_COLUMNS = [
-    "run",
-    "method",
-    "ratio",
-    "seed",
-    "n_kept",
-    "n_total",
-    "kept_fraction",
-    "selection_seconds",
-    "train_seconds",
-    "num_samples",
-    "num_reference",
-]
+    "run", "method", "ratio", "seed", "n_kept", "n_total", "kept_fraction",
+    "selection_seconds", "train_seconds", "num_samples", "num_reference",
+]  # fmt: skip
+# Whether a larger value is better, by metric prefix (for captions).
+HIGHER_IS_BETTER = ("precision", "recall", "vendi", "novelty", "mode_coverage", "class_share_min")
+DESCRIPTIONS = {
+    "fd": "Fréchet distance to held-out real images",
+    "kid": "kernel inception distance (KID) to held-out real images",
+    "precision": "precision (k-NN manifold, k=3): share of samples that look real",
+    "recall": "recall (k-NN manifold, k=3): share of real images the samples cover",
+    "vendi": "Vendi score: effective number of distinct samples",
+    "novelty_mean": "mean nearest-neighbour distance of a sample to the full training set",
+    "novelty_kept_mean": "mean nearest-neighbour distance of a sample to its kept training subset",
+    "near_copy_share": "share of samples closer to a training image than 99% of training images "
+    "are to each other",
+    "mode_coverage": "share of the training data's k-means modes that the samples populate",
+    "occupancy_kl": "KL(training mode occupancy || sample mode occupancy)",
+    "class_kl": "KL(training class shares || classifier-judged class shares of the samples)",
+    "class_share_min": "smallest class share among the samples (classifier-judged)",
+}
 
 
 def collect(metric_files: Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -40,6 +50,7 @@ def collect(metric_files: Iterable[str | os.PathLike]) -> pd.DataFrame:
     for path in metric_files:
         record = io.load_json(path)
         extractors = record.pop("feature_extractors", {})
+        record.pop("class_shares", None)
         record.update({f"extractor_{k}": v for k, v in extractors.items()})
         rows.append(record)
     frame = pd.DataFrame(rows)
@@ -52,7 +63,7 @@ def table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rows = method, columns = ratio (plus `full`), cells = mean ± std over seeds (n seeds)."""
     if metric not in frame:
         raise KeyError(f"metric {metric!r} not in the runs' metrics; have: {sorted(frame.columns)}")
-    cells = {}
+    cells: dict[str, dict[str, str]] = {}
     for (method, ratio), group in frame.groupby(["method", "ratio"], dropna=False):
         column = FULL if method == FULL else f"{ratio:g}"
         cells.setdefault("full-data" if method == FULL else method, {})[column] = _cell(
@@ -65,73 +76,123 @@ def table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return result.fillna("")
 
 
-def markdown(frame: pd.DataFrame, metric: str, *, caption: str) -> str:
-    tab = table(frame, metric)
-    header = (
-        "| method | "
-        + " | ".join("full data" if c == FULL else f"removed {c}" for c in tab.columns)
-        + " |"
+def describe(metric: str) -> tuple[str, str | None, str]:
+    """What a metric is, which feature space it lives in and which direction is better."""
+    base, space = metric, None
+    for feature in ("classifier", "efficientnet_lite0", "inception"):
+        if metric.endswith("_" + feature):
+            base, space = metric.removesuffix("_" + feature), feature
+    text = DESCRIPTIONS.get(base, base)
+    better = "higher" if base.startswith(HIGHER_IS_BETTER) else "lower"
+    if base.startswith(("novelty", "near_copy")):
+        better = "higher = more novel" if base.startswith("novelty") else "lower = fewer copies"
+    else:
+        better = f"{better} is better"
+    return text, space, better
+
+
+def caption(frame: pd.DataFrame, metric: str) -> str:
+    """Name what the numbers are: metric, extractor, sample counts, seeds, training steps."""
+    text, space, better = describe(metric)
+    where = ""
+    if space is not None:
+        extractor = frame.get(f"extractor_{space}", pd.Series(["?"])).dropna()
+        where = f" in the feature space of {extractor.iloc[0]}"
+    seeds = sorted(int(s) for s in frame["seed"].unique())
+    return (
+        f"**{metric}**: {text}{where} ({better}). "
+        f"{int(frame['num_samples'].iloc[0])} generated samples per run against "
+        f"{int(frame['num_reference'].iloc[0])} held-out real images; seeds {seeds}; "
+        f"every run trained for {int(frame['train_steps'].iloc[0])} steps."
     )
-    lines = [caption, "", header, "|" + "---|" * (len(tab.columns) + 1)]
+
+
+def markdown(frame: pd.DataFrame, metric: str) -> str:
+    tab = table(frame, metric)
+    names = ["full data" if c == FULL else f"removed {c}" for c in tab.columns]
+    lines = [caption(frame, metric), "", "| method | " + " | ".join(names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
     lines += [f"| {idx} | " + " | ".join(row) + " |" for idx, row in tab.iterrows()]
     return "\n".join(lines) + "\n"
 
 
-def caption(frame: pd.DataFrame, metric: str) -> str:
-    """Name what the numbers are: metric, extractor, sample counts, seeds."""
-    feature = metric.split("_", 1)[1] if "_" in metric else metric
-    extractor = frame.get(f"extractor_{feature}", pd.Series(["?"])).dropna()
-    seeds = sorted(frame["seed"].unique().tolist())
-    return (
-        f"**{metric}** (lower is better) in the feature space of {extractor.iloc[0]}; "
-        f"{int(frame['num_samples'].iloc[0])} generated samples against "
-        f"{int(frame['num_reference'].iloc[0])} held-out real images; "
-        f"seeds {seeds}; every run trained for {int(frame['train_steps'].iloc[0])} steps."
-    )
-
-
-def plot(frame: pd.DataFrame, metric: str, path: str | os.PathLike) -> None:
+def plot_metric(frame: pd.DataFrame, metric: str, path: str | os.PathLike) -> None:
     """Metric against pruning ratio, one line per method; the full-data baseline dashed."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    runs = frame[frame["method"] != FULL]
-    for method, group in runs.groupby("method"):
+    for method, group in frame[frame["method"] != FULL].groupby("method"):
         stats = group.groupby("ratio")[metric].agg(["mean", "std"]).reset_index()
         ax.errorbar(
-            stats["ratio"],
-            stats["mean"],
-            yerr=stats["std"].fillna(0),
-            marker="o",
-            capsize=3,
+            stats["ratio"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
             label=method,
-        )
+        )  # fmt: skip
     baseline = frame.loc[frame["method"] == FULL, metric]
     if len(baseline):
         ax.axhline(baseline.mean(), color="black", linestyle="--", label="full data")
     ax.set_xlabel("pruning ratio (fraction removed)")
     ax.set_ylabel(metric)
+    ax.set_title(describe(metric)[0][:70], fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_cost(frame: pd.DataFrame, metric: str, path: str | os.PathLike) -> None:
+    """Metric against the compute a selection cost (embedding, clustering, scoring, surrogates)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    runs = frame[frame["method"] != FULL]
+    for method, group in runs.groupby("method"):
+        ax.scatter(group["selection_seconds"].clip(lower=1e-3), group[metric], label=method)
+    baseline = frame.loc[frame["method"] == FULL, metric]
+    if len(baseline):
+        ax.axhline(baseline.mean(), color="black", linestyle="--", label="full data")
+    ax.set_xscale("log")
+    ax.set_xlabel("selection compute (wall seconds, incl. embedding / surrogates)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def sample_mosaic(grids: Sequence[tuple[str, str | os.PathLike]], path: str | os.PathLike) -> None:
+    """One figure with every run's sample grid, titled by run id."""
+    columns = min(len(grids), 5)
+    rows = int(np.ceil(len(grids) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), dpi=120)
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, (name, grid) in zip(np.atleast_1d(axes).ravel(), grids, strict=False):
+        ax.imshow(np.asarray(Image.open(grid)), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name, fontsize=7)
+    _save(fig, path)
 
 
 def write_report(
     metric_files: Sequence[str | os.PathLike],
     *,
-    metric: str,
-    table_csv: str | os.PathLike,
-    table_md: str | os.PathLike,
-    plot_png: str | os.PathLike,
+    metrics: Sequence[str],
+    headline: str,
+    sample_grids: Sequence[tuple[str, str | os.PathLike]],
+    tables_dir: str | os.PathLike,
+    plots_dir: str | os.PathLike,
+    report_md: str | os.PathLike,
     summary_csv: str | os.PathLike,
+    mosaic_png: str | os.PathLike,
 ) -> pd.DataFrame:
     frame = collect(metric_files)
-    with io.atomic_path(table_csv) as tmp:
-        table(frame, metric).to_csv(tmp)
-    with io.atomic_path(table_md) as tmp:
-        Path(tmp).write_text(markdown(frame, metric, caption=caption(frame, metric)))
-    plot(frame, metric, plot_png)
+    metrics = [m for m in dict.fromkeys([headline, *metrics]) if m in frame]
+    sections = []
+    for metric in metrics:
+        with io.atomic_path(Path(tables_dir) / f"{metric}.csv") as tmp:
+            table(frame, metric).to_csv(tmp)
+        text = markdown(frame, metric)
+        with io.atomic_path(Path(tables_dir) / f"{metric}.md") as tmp:
+            tmp.write_text(text)
+        plot_metric(frame, metric, Path(plots_dir) / f"{metric}.png")
+        sections.append(text)
+    plot_cost(frame, headline, Path(plots_dir) / "cost.png")
+    sample_mosaic(sample_grids, mosaic_png)
+    with io.atomic_path(report_md) as tmp:
+        tmp.write_text("\n".join(sections))
     columns = SUMMARY_COLUMNS + sorted(
         c for c in frame.columns if c not in SUMMARY_COLUMNS and not c.startswith("extractor_")
     )
@@ -140,10 +201,17 @@ def write_report(
     return frame
 
 
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def _cell(values: pd.Series) -> str:
     values = values.dropna()
     if len(values) == 0:
         return ""
     if len(values) == 1:
-        return f"{values.iloc[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std():.3f} ({len(values)})"
+        return f"{values.iloc[0]:.4g}"
+    return f"{values.mean():.4g} ± {values.std():.2g} ({len(values)})"

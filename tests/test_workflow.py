@@ -51,10 +51,31 @@ def test_study_outputs_hold_what_the_params_asked_for(study):
     assert np.isfinite(metrics["fd_efficientnet_lite0"])
     assert metrics["num_samples"] == 16 and metrics["num_reference"] == 60
 
-    table = pd.read_csv(study / "results" / "fd_classifier.csv", index_col="method")
+    for key in (
+        "precision_classifier",
+        "recall_classifier",
+        "vendi_classifier",
+        "novelty_mean_classifier",
+        "mode_coverage_classifier",
+        "class_kl",
+    ):
+        assert np.isfinite(metrics[key]), key
+    assert 0 <= metrics["precision_classifier"] <= 1 and 1 <= metrics["vendi_classifier"] <= 16
+    assert len(metrics["class_shares"]) == 10 and abs(sum(metrics["class_shares"]) - 1) < 1e-4
+
+    table = pd.read_csv(study / paths.report_table("fd_classifier", "csv"), index_col="method")
     assert set(table.index) == {"full-data", "random", "cluster-furthest", "cluster-balanced"}
     assert list(table.columns) == ["full", "0.5"]
-    assert (study / "results" / "fd_classifier.png").stat().st_size > 1000
+    assert table.loc["random", "0.5"] == pytest.approx(
+        metrics_of(study, "random_r0.5")["fd_classifier"], rel=1e-3
+    )
+    for plot in ("fd_classifier", "recall_classifier", "cost"):
+        assert (study / paths.report_plot(plot)).stat().st_size > 1000
+    assert "generated samples per run" in (study / paths.report_markdown()).read_text()
+
+
+def metrics_of(study, run, seed=0):
+    return json.loads((study / paths.metrics(run, seed)).read_text())
 
 
 def test_second_run_does_nothing(study):
@@ -91,7 +112,8 @@ def test_dvc_repro_rebuilds_the_same_bytes(study):
     manifest = study / paths.manifest("cluster-furthest_r0.5", 0)
     before = manifest.read_bytes()
     manifest.unlink()
-    out = dvc(study, "repro", "--no-run-cache", "select@cluster-furthest-0.5-0").stdout
+    # --force: run the stage's command (Snakemake) rather than restore the cached output.
+    out = dvc(study, "repro", "--force", "--single-item", "select@cluster-furthest-0.5-0").stdout
     assert "Running stage 'select@cluster-furthest-0.5-0'" in out
     assert manifest.read_bytes() == before
 

@@ -12,9 +12,9 @@ SPLITS = ("train", "test")
 
 wildcard_constraints:
     split="train|test",
+    feature="|".join(["classifier", "efficientnet-lite0", "inception"]),
     run=r"full|[a-z0-9-]+_r[0-9.]+",
     seed=r"\d+",
-    feature=r"[a-z0-9-]+",
 
 
 def store_files(split):
@@ -34,29 +34,29 @@ def selection_inputs(wildcards):
 
 
 def reference_inputs(wildcards):
-    inputs = {"store": store_files("test")}
+    inputs = {"store": store_files(wildcards.split)}
     if wildcards.feature == "classifier":
         inputs["classifier"] = paths.classifier()
     return inputs
 
 
 def evaluate_inputs(wildcards):
+    features = config["evaluate"]["features"]
     inputs = {
         "samples": paths.samples(wildcards.run, wildcards.seed),
+        "manifest": paths.manifest(wildcards.run, wildcards.seed),
         "manifest_meta": paths.manifest_meta(wildcards.run, wildcards.seed),
         "model": paths.model(wildcards.run, wildcards.seed),
-        "references": [paths.reference(f) for f in config["evaluate"]["features"]],
+        "train_index": paths.store_index("train"),
+        "test_references": [paths.reference("test", f) for f in features],
+        "train_references": [paths.reference("train", f) for f in features],
+        "modes": [paths.modes(f) for f in features],
     }
-    if "classifier" in config["evaluate"]["features"]:
+    if "classifier" in features:
         inputs["classifier"] = paths.classifier()
     return inputs
 
 
-def report_outputs():
-    metric = config["report"]["metric"]
-    return [
-        paths.report_table(metric, "csv"),
-        paths.report_table(metric, "md"),
-        paths.report_plot(metric),
-        paths.report_table("summary", "csv"),
-    ]
+def report_metrics():
+    """The headline metric first, then the others the report tabulates."""
+    return list(dict.fromkeys([config["report"]["metric"], *config["report"]["metrics"]]))

@@ -21,27 +21,46 @@ rule classifier:
 
 
 rule reference:
-    """Features and Gaussian statistics of the held-out real images, once per feature space."""
+    """Real images of one split in one feature space (at the model's resolution), computed once."""
     input:
         unpack(reference_inputs),
     output:
-        paths.reference("{feature}"),
+        paths.reference("{split}", "{feature}"),
     params:
         evaluate=config["evaluate"],
         resolution=config["train"]["resolution"],
     log:
-        paths.log("reference", "{feature}"),
+        paths.log("reference", "{split}_{feature}"),
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=8000,
     conda:
         "../envs/diffprune.yaml"
     script:
         "../scripts/reference.py"
 
 
+rule modes:
+    """k-means modes of the training images in one feature space, for mode coverage."""
+    input:
+        paths.reference("train", "{feature}"),
+    output:
+        paths.modes("{feature}"),
+    params:
+        cluster=config["cluster"],
+    log:
+        paths.log("modes", "{feature}"),
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/diffprune.yaml"
+    script:
+        "../scripts/modes.py"
+
+
 rule evaluate:
-    """Metrics of one run's samples against the held-out references: one flat JSON."""
+    """Metrics of one run's samples: fidelity, diversity, novelty, coverage, class balance."""
     input:
         unpack(evaluate_inputs),
     output:
@@ -53,7 +72,7 @@ rule evaluate:
         paths.log("evaluate", "{run}_s{seed}"),
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=8000,
     conda:
         "../envs/diffprune.yaml"
     script:

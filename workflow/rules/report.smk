@@ -1,9 +1,27 @@
 rule report:
-    """Paper-style tables (rows = method, columns = ratio) and metric-against-ratio plots."""
+    """Paper-style tables (rows = method, columns = ratio), plots and the sample mosaic."""
     input:
         metrics=[paths.metrics(run, seed) for run, seed in GRID],
+        grids=[paths.sample_grid(run, seed) for run, seed in GRID],
     output:
-        report_outputs(),
+        tables=[paths.report_table(m, "csv") for m in report_metrics()]
+        + [paths.report_table(m, "md") for m in report_metrics()],
+        plots=[
+            report(
+                paths.report_plot(m),
+                caption="../report/metric.rst",
+                category="Metrics against ratio",
+            )
+            for m in report_metrics()
+        ],
+        cost=report(
+            paths.report_plot("cost"), caption="../report/cost.rst", category="Cost"
+        ),
+        mosaic=report(
+            paths.sample_mosaic(), caption="../report/samples.rst", category="Samples"
+        ),
+        markdown=paths.report_markdown(),
+        summary=paths.summary(),
     params:
         study=config["study"],
         report=config["report"],

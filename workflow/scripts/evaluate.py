@@ -3,26 +3,43 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from diffprune import io
-from diffprune.evaluate import evaluate_samples
+from diffprune.evaluate import class_balance, evaluate_samples, feature_extractor
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg = snakemake.params.evaluate
 inputs = snakemake.input
+features = cfg["features"]
 selection = io.load_json(inputs.manifest_meta)
 training = io.load_json(Path(inputs.model) / "train.json")
+manifest = pd.read_parquet(inputs.manifest, columns=["sample_id", "keep"])
+samples = np.load(inputs.samples)
+extractors = {
+    feature: feature_extractor(
+        feature,
+        resolution=snakemake.params.resolution,
+        classifier_path=inputs.get("classifier"),
+        image_size=cfg.get("image_size", 64),
+        inception_weights=cfg.get("inception_weights"),
+        device=cfg.get("device", "auto"),
+    )
+    for feature in features
+}
 metrics = evaluate_samples(
-    np.load(inputs.samples),
-    references={Path(p).stem: p for p in inputs.references},
-    resolution=snakemake.params.resolution,
-    classifier_path=inputs.get("classifier"),
-    image_size=cfg.get("image_size", 64),
-    inception_weights=cfg.get("inception_weights"),
+    samples,
+    extractors=extractors,
+    test_references=dict(zip(features, inputs.test_references, strict=True)),
+    train_references=dict(zip(features, inputs.train_references, strict=True)),
+    modes=dict(zip(features, inputs.modes, strict=True)),
+    kept_ids=manifest.loc[manifest["keep"], "sample_id"].to_numpy(),
     batch_size=cfg.get("batch_size", 256),
-    device=cfg.get("device", "auto"),
 )
+if inputs.get("classifier"):
+    labels = pd.read_parquet(inputs.train_index, columns=["label"])["label"].to_numpy()
+    metrics |= class_balance(samples, classifier_path=inputs.classifier, train_labels=labels)
 io.save_json(
     snakemake.output[0],
     {

@@ -1,15 +1,21 @@
-"""Snakemake script for rule `report`: results tables and plots."""
+"""Snakemake script for rule `report`: results tables, plots and the sample mosaic."""
+
+from pathlib import Path
 
 from diffprune.logs import setup
 from diffprune.report import write_report
 
 setup(snakemake.log[0])
-table_csv, table_md, plot_png, summary_csv = snakemake.output
+out = snakemake.output
+cfg = snakemake.params.report
 write_report(
     snakemake.input.metrics,
-    metric=snakemake.params.report["metric"],
-    table_csv=table_csv,
-    table_md=table_md,
-    plot_png=plot_png,
-    summary_csv=summary_csv,
+    metrics=cfg["metrics"],
+    headline=cfg["metric"],
+    sample_grids=[(Path(grid).stem, grid) for grid in snakemake.input.grids],
+    tables_dir=Path(out.tables[0]).parent,
+    plots_dir=Path(out.cost).parent,
+    report_md=out.markdown,
+    summary_csv=out.summary,
+    mosaic_png=out.mosaic,
 )
