@@ -1,5 +1,5 @@
 # diffprune: the data-pruning study as a cached workflow.
-#   download -> embed -> cluster -> select -> train -> sample -> evaluate -> report
+#   download -> embed -> cluster | surrogate -> score -> select -> train -> sample -> evaluate -> report
 # Run `snakemake --cores all`; every path comes from diffprune.paths, every setting from params.yaml.
 
 configfile: "params.yaml"
@@ -8,6 +8,7 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/scores.smk"
 include: "workflow/rules/select.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"

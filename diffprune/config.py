@@ -64,6 +64,21 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
     for ratio in study["ratios"]:
         if float(repr(float(ratio))) != ratio or "e" in repr(float(ratio)):
             problems.append(f"study.ratios: {ratio!r} cannot be written as a plain decimal run id")
+    scores = params["scores"]
+    needed = {m.removesuffix("-inverse").removesuffix("-mid") for m in study["methods"]}
+    needed &= {"el2n", "grand", "forgetting", "moso"}
+    if missing := sorted(needed - set(scores["names"])):
+        problems.append(
+            f"scores.names = {scores['names']!r} lacks {', '.join(missing)}, which study.methods "
+            f"needs; add it so that DVC computes it too"
+        )
+    surrogates = {"moso" if name == "moso" else "full" for name in scores["names"]}
+    if surrogates != set(scores["surrogates"]):
+        problems.append(
+            f"scores.surrogates = {scores['surrogates']!r} does not match scores.names "
+            f"{scores['names']!r}; it must be {sorted(surrogates)!r} (full for el2n, grand, "
+            f"forgetting; moso for moso)"
+        )
     if "inception" in params["evaluate"]["features"] and not params["evaluate"].get(
         "inception_weights"
     ):

@@ -70,17 +70,40 @@ def embeddings_meta() -> Path:
     return DATA / "embed" / "embeddings.json"
 
 
+# The evidence selection rules rank by (clusters, scores) shares one folder, so that a DVC stage can
+# depend on it whatever the grid holds.
+EVIDENCE = DATA / "evidence"
+
+
 # cluster
 def clusters() -> Path:
-    return DATA / "cluster" / "clusters.parquet"
+    return EVIDENCE / "clusters.parquet"
 
 
 def centroids() -> Path:
-    return DATA / "cluster" / "centroids.npy"
+    return EVIDENCE / "centroids.npy"
 
 
 def clusters_meta() -> Path:
-    return DATA / "cluster" / "clusters.json"
+    return EVIDENCE / "clusters.json"
+
+
+# score-based selection: surrogates trained once, scores computed once, every ratio reuses them
+def surrogate(kind: str) -> Path:
+    """`full`: one surrogate on all training data; `moso`: MoSo's disjoint-subset surrogates."""
+    return DATA / "surrogates" / kind
+
+
+def surrogate_checkpoints(kind: str) -> Path:
+    return DATA / "checkpoints" / "surrogates" / kind
+
+
+def scores(name: str) -> Path:
+    return EVIDENCE / f"{name}.npy"
+
+
+def scores_meta(name: str) -> Path:
+    return EVIDENCE / f"{name}.json"
 
 
 # per run: select, train, sample, evaluate

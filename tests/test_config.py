@@ -55,6 +55,11 @@ def test_default_params_are_valid():
         ({"data__source": "imagefolder"}, "data.path = null: the imagefolder source needs"),
         ({"study__baseline": False, "study__methods": []}, "study: the grid is empty"),
         ({"evaluate__features": ["inception"]}, "evaluate.inception_weights = null"),
+        ({"study__methods": ["el2n-mid"]}, "scores.names = [] lacks el2n, which study.methods"),
+        (
+            {"scores__names": ["moso"], "scores__surrogates": ["full"]},
+            "scores.surrogates = ['full'] does not match scores.names ['moso']; it must be ['moso']",
+        ),
     ],
 )
 def test_bad_params_get_one_clear_line(changes, expected):

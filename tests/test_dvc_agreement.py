@@ -14,7 +14,16 @@ SNAKEMAKE_ONLY = ("logs/",)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    params = tiny_params(study={**tiny_params()["study"], "seeds": [0, 1]})
+    # Every kind of rule: cluster and score methods (both surrogates), two seeds.
+    methods = ["random", "cluster-furthest", "el2n", "grand-inverse", "forgetting", "moso-mid"]
+    params = tiny_params(
+        study={**tiny_params()["study"], "methods": methods, "seeds": [0, 1]},
+        scores={
+            **tiny_params()["scores"],
+            "names": ["el2n", "grand", "forgetting", "moso"],
+            "surrogates": ["full", "moso"],
+        },
+    )
     return make_project(tmp_path_factory.mktemp("agreement"), params)
 
 

@@ -12,6 +12,8 @@ SPLITS = ("train", "test")
 
 wildcard_constraints:
     split="train|test",
+    score="el2n|grand|forgetting|moso",
+    kind="full|moso",
     feature="|".join(["classifier", "efficientnet-lite0", "inception"]),
     run=r"full|[a-z0-9-]+_r[0-9.]+",
     seed=r"\d+",
@@ -30,7 +32,15 @@ def selection_inputs(wildcards):
             inputs["clusters"] = paths.clusters()
             inputs["clusters_meta"] = paths.clusters_meta()
             inputs["embeddings_meta"] = paths.embeddings_meta()
+        else:
+            score = need.removeprefix("scores:")
+            inputs["scores"] = paths.scores(score)
+            inputs["scores_meta"] = paths.scores_meta(score)
     return inputs
+
+
+def surrogate_for(wildcards):
+    return paths.surrogate("moso" if wildcards.score == "moso" else "full")
 
 
 def reference_inputs(wildcards):
