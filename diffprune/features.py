@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FEATURES = ("classifier", "efficientnet-lite0", "inception")
 FEATURE_LABELS = {
-    "classifier": "FD (Fashion-MNIST CNN)",
+    "classifier": "FD (CNN classifier trained on the labelled training images)",
     "efficientnet-lite0": "FD (EfficientNet-Lite0, ImageNet)",
     "inception": "FID (Inception-v3, clean-fid)",
 }

@@ -25,7 +25,10 @@ def setup(log_path: str | os.PathLike | None = None, *, threads: int | None = No
     )
     if threads:
         import torch
+        from threadpoolctl import threadpool_limits
 
+        # numpy's BLAS would otherwise use every core, also when jobs share the machine
+        threadpool_limits(threads)
         torch.set_num_threads(threads)
 
 

@@ -36,7 +36,7 @@ def test_classifier_features_come_from_the_saved_cnn(tmp_path):
     path = tmp_path / "model.pt"
     classifier.save_classifier(model, path, meta={})
     extractor = load_feature_extractor("classifier", resolution=16, classifier_path=path)
-    assert extractor.dim == 128 and extractor.label == "FD (Fashion-MNIST CNN)"
+    assert extractor.dim == 128 and extractor.label == FEATURE_LABELS["classifier"]
     batch = images(20, seed=1)
     feats = extract(extractor, batch, batch_size=8, progress=False)
     assert feats.shape == (20, 128) and feats.dtype == np.float64
