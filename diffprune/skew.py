@@ -1,0 +1,125 @@
+"""The fairness experiment: build a skewed training set, then rebalance it with and without labels.
+
+Arms (each a prune manifest over the full training store, `keep` = trained on):
+- `skewed`: the whole skewed set (what a user with skewed data has);
+- `random`: a uniformly random `keep`-sized subset of it;
+- `cluster-balanced`: k-means on the skewed set's embeddings (no labels), then the same number of
+  samples from every cluster (diffprune.select's cluster-balanced rule), about `keep` in all;
+- `label-balanced`: the oracle that sees labels: `keep // classes` per class (all of a class that
+  has fewer).
+Every arm trains for the same number of steps (the paper's equal-budget rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from diffprune.cluster import clusters_frame, kmeans
+from diffprune.errors import ConfigError
+from diffprune.metrics import class_shares, kl_divergence
+from diffprune.select import MANIFEST_COLUMNS, full_manifest, select
+
+ARMS = ("skewed", "random", "cluster-balanced", "label-balanced")
+PREFIX = "skew-"
+
+
+def group_sizes(total: int, groups: int) -> np.ndarray:
+    """Split `total` into `groups` integer parts that differ by at most one (first ones larger)."""
+    return np.full(groups, total // groups) + (np.arange(groups) < total % groups)
+
+
+def skewed_ids(
+    labels: np.ndarray,
+    *,
+    minority_classes: Sequence[int],
+    minority_share: float,
+    size: int,
+    seed: int = 0,
+) -> np.ndarray:
+    """Sorted sample ids of a skewed set of exactly `size` samples.
+
+    round(minority_share * size) samples come from the minority classes and the rest from the
+    others, each group split evenly over its classes; within a class the samples are random.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels[labels >= 0])
+    minority = np.asarray(sorted(minority_classes))
+    if not np.isin(minority, classes).all() or len(minority) == 0:
+        raise ConfigError(
+            f"skew.minority_classes = {list(minority)}; labels present: {list(classes)}"
+        )
+    majority = np.setdiff1d(classes, minority)
+    n_minority = round(minority_share * size)
+    wanted = dict(zip(minority, group_sizes(n_minority, len(minority)), strict=True))
+    wanted |= dict(zip(majority, group_sizes(size - n_minority, len(majority)), strict=True))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, count in sorted(wanted.items()):
+        members = np.flatnonzero(labels == label)
+        if count > len(members):
+            raise ConfigError(
+                f"skew: class {label} needs {count} samples but the train store has "
+                f"{len(members)}; lower skew.size or raise data.train_size"
+            )
+        chosen.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def arm_ids(
+    arm: str,
+    *,
+    skewed: np.ndarray,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    keep: int,
+    k: int,
+    iterations: int = 50,
+    seed: int = 0,
+) -> tuple[np.ndarray, pd.DataFrame | None]:
+    """The sample ids an arm trains on, and for cluster-balanced its clusters of the skewed set."""
+    if arm not in ARMS:
+        raise ConfigError(f"skew arm {arm!r}; allowed: {', '.join(ARMS)}")
+    if arm != "skewed" and not 0 < keep <= len(skewed):
+        raise ConfigError(f"skew.keep = {keep}: must be in 1..{len(skewed)} (the skewed set size)")
+    rng = np.random.default_rng(seed)
+    if arm == "skewed":
+        return skewed, None
+    if arm == "random":
+        return np.sort(rng.choice(skewed, size=keep, replace=False)), None
+    if arm == "label-balanced":
+        per_class = keep // len(np.unique(labels[skewed]))
+        picked = [
+            rng.permutation(np.flatnonzero(labels[skewed] == c))[:per_class]
+            for c in np.unique(labels[skewed])
+        ]
+        return np.sort(skewed[np.concatenate(picked)]), None
+    clustering = kmeans(embeddings[skewed], k=k, iterations=iterations, seed=seed)
+    clusters = clusters_frame(clustering).assign(sample_id=skewed)
+    manifest = select("cluster-balanced", 1 - keep / len(skewed), clusters=clusters, seed=seed)
+    return manifest.loc[manifest["keep"], "sample_id"].to_numpy(), clusters
+
+
+def arm_manifest(n_total: int, kept_ids: np.ndarray, clusters: pd.DataFrame | None) -> pd.DataFrame:
+    """A manifest over the whole train store: `keep` marks the arm's samples."""
+    manifest = full_manifest(n_total)
+    manifest["keep"] = np.isin(manifest["sample_id"].to_numpy(), kept_ids)
+    if clusters is not None:
+        evidence = clusters.set_index("sample_id")
+        manifest.loc[evidence.index, "cluster"] = evidence["cluster"].to_numpy()
+        manifest.loc[evidence.index, "distance"] = evidence["distance"].to_numpy(np.float64)
+    return manifest[list(MANIFEST_COLUMNS)]
+
+
+def balance(
+    labels: np.ndarray, *, num_classes: int, minority_classes: Sequence[int]
+) -> dict[str, float | list[float]]:
+    """How balanced a set of labels is: its class shares, KL to uniform, minority share."""
+    shares = class_shares(np.asarray(labels), num_classes)
+    return {
+        "shares": shares.round(6).tolist(),
+        "kl_to_uniform": kl_divergence(np.full(num_classes, 1 / num_classes), shares),
+        "minority_share": float(shares[list(minority_classes)].sum()),
+    }

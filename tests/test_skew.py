@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from diffprune.errors import ConfigError
+from diffprune.skew import arm_ids, arm_manifest, balance, skewed_ids
+
+
+def toy_labels(per_class=100, classes=5):
+    return np.repeat(np.arange(classes), per_class)
+
+
+def test_skewed_set_hits_the_requested_shares_exactly():
+    labels = toy_labels()
+    ids = skewed_ids(labels, minority_classes=[1, 3], minority_share=0.1, size=200, seed=0)
+    counts = np.bincount(labels[ids], minlength=5)
+    assert len(ids) == 200 and len(np.unique(ids)) == 200
+    assert counts.tolist() == [60, 10, 60, 10, 60]
+    assert (ids == np.sort(ids)).all()
+
+
+def test_skewed_set_is_seeded():
+    labels = toy_labels()
+    a = skewed_ids(labels, minority_classes=[0], minority_share=0.05, size=100, seed=1)
+    b = skewed_ids(labels, minority_classes=[0], minority_share=0.05, size=100, seed=1)
+    c = skewed_ids(labels, minority_classes=[0], minority_share=0.05, size=100, seed=2)
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_skew_larger_than_a_class_is_a_clear_error():
+    with pytest.raises(ConfigError, match="class 0 needs 150 samples but the train store has 100"):
+        skewed_ids(toy_labels(), minority_classes=[4], minority_share=0.0, size=600, seed=0)
+
+
+def blobs(sizes, *, seed=0, dim=8, spread=0.05):
+    """Well-separated Gaussian groups: group g sits at 10 * e_g."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    centres = np.eye(dim)[labels] * 10
+    return (centres + spread * rng.standard_normal((len(labels), dim))).astype(np.float32), labels
+
+
+def test_cluster_balanced_recovers_equal_group_shares_without_labels():
+    embeddings, labels = blobs([400, 300, 40, 30])
+    skewed = np.arange(len(labels))
+    kept, clusters = arm_ids(
+        "cluster-balanced", skewed=skewed, labels=np.full_like(labels, -1),
+        embeddings=embeddings, keep=120, k=4, seed=0,
+    )  # fmt: skip
+    assert np.bincount(labels[kept], minlength=4).tolist() == [30, 30, 30, 30]
+    assert clusters is not None and clusters["cluster"].nunique() == 4
+    random, _ = arm_ids(
+        "random", skewed=skewed, labels=labels, embeddings=embeddings, keep=120, k=4, seed=0
+    )
+    assert np.bincount(labels[random], minlength=4)[3] < 15  # random keeps the skew
+
+
+def test_label_balanced_oracle_and_manifest():
+    embeddings, labels = blobs([50, 50, 10])
+    skewed = np.arange(len(labels))
+    kept, _ = arm_ids(
+        "label-balanced", skewed=skewed, labels=labels, embeddings=embeddings, keep=60, k=3, seed=0
+    )
+    assert np.bincount(labels[kept]).tolist() == [20, 20, 10]
+    manifest = arm_manifest(200, kept, None)
+    assert len(manifest) == 200 and manifest["keep"].sum() == 50
+    assert set(manifest.loc[manifest["keep"], "sample_id"]) == set(kept)
+
+
+def test_balance_reports_minority_share_and_kl():
+    report = balance(np.array([0, 0, 0, 1]), num_classes=2, minority_classes=[1])
+    assert report["minority_share"] == 0.25 and report["shares"] == [0.75, 0.25]
+    assert report["kl_to_uniform"] > 0
+    assert balance(np.array([0, 1]), num_classes=2, minority_classes=[1])["kl_to_uniform"] < 1e-5
