@@ -13,8 +13,16 @@ include: "workflow/rules/select.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/skew.smk"
 
 
 rule all:
     input:
         rules.report.output,
+        rules.skew_report.output if SKEW_RUNS else [],
+
+
+rule skew:
+    """Only the fairness study: `snakemake --cores all skew`."""
+    input:
+        rules.skew_report.output,

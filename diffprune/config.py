@@ -79,6 +79,13 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             f"{scores['names']!r}; it must be {sorted(surrogates)!r} (full for el2n, grand, "
             f"forgetting; moso for moso)"
         )
+    skew = params["skew"]
+    if skew["arms"] and skew["keep"] > skew["size"]:
+        problems.append(f"skew.keep = {skew['keep']}: must be <= skew.size ({skew['size']})")
+    if skew["arms"] and data["train_size"] is not None and skew["size"] > data["train_size"]:
+        problems.append(
+            f"skew.size = {skew['size']}: must be <= data.train_size ({data['train_size']})"
+        )
     if "inception" in params["evaluate"]["features"] and not params["evaluate"].get(
         "inception_weights"
     ):

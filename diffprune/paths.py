@@ -17,6 +17,7 @@ RESULTS = Path("results")
 LOGS = Path("logs")
 
 FULL = "full"
+SKEW = "skew-"  # runs of the fairness study: skew-<arm>
 _RUN_RE = re.compile(r"^(?P<method>[a-z0-9-]+)_r(?P<ratio>[0-9.]+)$")
 
 
@@ -29,15 +30,15 @@ class Run:
 
     @property
     def name(self) -> str:
-        return FULL if self.method == FULL else f"{self.method}_r{self.ratio!r}"
+        return self.method if self.ratio is None else f"{self.method}_r{self.ratio!r}"
 
     @classmethod
     def parse(cls, name: str) -> Run:
-        if name == FULL:
-            return cls(FULL)
+        if name == FULL or name.startswith(SKEW):
+            return cls(name)
         match = _RUN_RE.match(name)
         if not match:
-            raise ValueError(f"run id {name!r} is neither 'full' nor '<method>_r<ratio>'")
+            raise ValueError(f"run id {name!r} is not 'full', 'skew-<arm>' or '<method>_r<ratio>'")
         return cls(match["method"], float(match["ratio"]))
 
     def __str__(self) -> str:
@@ -163,6 +164,15 @@ def reference(split: str, feature: str) -> Path:
 def modes(feature: str) -> Path:
     """k-means centroids of the training images in one feature space (for mode coverage)."""
     return DATA / "reference" / "modes" / f"{feature}.npy"
+
+
+# fairness study
+def skew_table(ext: str) -> Path:
+    return RESULTS / "skew" / f"skew.{ext}"
+
+
+def skew_plot() -> Path:
+    return RESULTS / "skew" / "class_shares.png"
 
 
 # report

@@ -94,11 +94,13 @@ def test_grid_is_baseline_then_methods_by_ratio_per_seed():
     assert len(names) == 2 + 2 * 2 * 2
 
 
-@pytest.mark.parametrize("name", ["full", "random_r0.5", "cluster-furthest_r0.25", "el2n-mid_r0.9"])
+@pytest.mark.parametrize(
+    "name", ["full", "random_r0.5", "cluster-furthest_r0.25", "el2n-mid_r0.9", "skew-random"]
+)
 def test_run_ids_round_trip(name):
     assert Run.parse(name).name == name
 
 
 def test_bad_run_id():
-    with pytest.raises(ValueError, match="neither 'full'"):
+    with pytest.raises(ValueError, match="is not 'full'"):
         Run.parse("random-0.5")

@@ -31,6 +31,13 @@ TINY = {
     },
     "sample": {"num_samples": 16, "steps": 2, "batch_size": 16, "grid_size": 4},
     "classifier": {"epochs": 1, "batch_size": 32},
+    "skew": {
+        "arms": ["cluster-balanced", "label-balanced"],
+        "size": 60,
+        "keep": 30,
+        "k": 3,
+        "minority_share": 0.1,
+    },
     "evaluate": {"image_size": 32, "batch_size": 64},
 }
 

@@ -7,6 +7,7 @@ from diffprune.select import needs
 validate_params(config, source="params.yaml (with --config overrides)")
 
 GRID = grid(config)
+SKEW_RUNS = [(f"{paths.SKEW}{arm}", seed) for arm in config["skew"]["arms"] for seed in config["study"]["seeds"]]
 SPLITS = ("train", "test")
 
 
@@ -15,7 +16,8 @@ wildcard_constraints:
     score="el2n|grand|forgetting|moso",
     kind="full|moso",
     feature="|".join(["classifier", "efficientnet-lite0", "inception"]),
-    run=r"full|[a-z0-9-]+_r[0-9.]+",
+    run=r"full|skew-[a-z-]+|[a-z0-9-]+_r[0-9.]+",
+    arm="|".join(["skewed", "random", "cluster-balanced", "label-balanced"]),
     seed=r"\d+",
 
 
