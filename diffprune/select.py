@@ -7,7 +7,8 @@ Conventions (the paper's, made exact here):
   cluster c (cluster proportions are kept); random and score rules keep floor(N*(1-p)) of all N
   samples. 1-p is computed exactly from the ratio as written in decimal, so 10 samples at
   p=0.9 keep 1 (float arithmetic gives 0.9999... and would keep 0).
-- Ties are broken by sample_id (lower sample_id first in the ranking), so the result is a pure
+- Ties are broken by sample_id (lower sample_id first in the ranking) for cluster rules and by a
+  seeded random order for score rules (forgetting scores tie a lot), so the result is a pure
   function of the inputs and `seed`.
 
 Rules (what each KEEPS):
@@ -231,7 +232,9 @@ def select(
     else:
         kept = np.array([_floor(size, keep_fraction) for size in sizes], dtype=np.int64)
     skip = (sizes - kept) // 2 if method.endswith("-mid") else np.zeros_like(kept)
-    manifest["keep"] = _keep_ranks(groups, sizes, key, manifest["sample_id"].to_numpy(), skip, kept)
+    manifest["keep"] = _keep_ranks(
+        groups, sizes, key, _tiebreak(method, manifest, seed), skip, kept
+    )
 
     n_kept = int(manifest["keep"].sum())
     log.info("%s at ratio %g keeps %d of %d samples", method, ratio, n_kept, len(manifest))
@@ -291,7 +294,7 @@ def _evidence(
 def _ranking_key(
     method: str, manifest: pd.DataFrame, *, seed: int, balanced_order: str
 ) -> np.ndarray:
-    """Per-sample key; within a group the samples are ranked by (key, sample_id) ascending.
+    """Per-sample key; within a group the samples are ranked by (key, tiebreak) ascending.
 
     "top" rules keep the first ranks, "-mid" rules a band in the middle.
     """
@@ -307,19 +310,28 @@ def _ranking_key(
     return score if method.endswith(("-inverse", "-mid")) else -score  # -mid: lowest first
 
 
+def _tiebreak(method: str, manifest: pd.DataFrame, seed: int) -> np.ndarray:
+    """Order among equal keys: sample_id, except for scores, where ties are common (forgetting
+    takes only as many values as there are loss records) and sample_id order would bring back
+    the reference code's select-by-index bug; there a seeded random order decides."""
+    if method in CLUSTER_METHODS or method == "random":
+        return manifest["sample_id"].to_numpy()
+    return np.random.default_rng([seed, 1]).permutation(len(manifest))
+
+
 def _keep_ranks(
     groups: np.ndarray,
     sizes: np.ndarray,
     key: np.ndarray,
-    sample_id: np.ndarray,
+    tiebreak: np.ndarray,
     skip: np.ndarray,
     kept: np.ndarray,
 ) -> np.ndarray:
-    """Rank each group by (key, sample_id) ascending; keep ranks [skip, skip + kept) per group.
+    """Rank each group by (key, tiebreak) ascending; keep ranks [skip, skip + kept) per group.
 
     `sizes`, `skip` and `kept` are per group, in ascending group order.
     """
-    order = np.lexsort((sample_id, key, groups))
+    order = np.lexsort((tiebreak, key, groups))
     starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
     rank = np.arange(len(order)) - starts
     lo = np.repeat(skip, sizes)

@@ -315,3 +315,14 @@ def test_unknown_method_lists_the_allowed_ones():
     with pytest.raises(ConfigError) as info:
         needs("cluster-far")
     assert all(method in str(info.value) for method in METHODS)
+
+
+def test_score_ties_are_broken_by_seed_not_by_sample_index():
+    # forgetting scores take few values: all tied here. Keeping the lowest ids would be the
+    # reference code's select-by-index bug in disguise.
+    scores = np.zeros(1000)
+    kept = [select("forgetting", 0.5, scores=scores, seed=s)["keep"].to_numpy() for s in (0, 1)]
+    ids = np.arange(1000)
+    assert abs(ids[kept[0]].mean() - 499.5) < 60  # spread over the index range, not 0..499
+    assert not (kept[0] == kept[1]).all()
+    assert (kept[0] == select("forgetting", 0.5, scores=scores, seed=0)["keep"].to_numpy()).all()
