@@ -74,6 +74,16 @@ def test_study_outputs_hold_what_the_params_asked_for(study):
     assert "generated samples per run" in (study / paths.report_markdown()).read_text()
 
 
+def test_skew_study_rebalances_and_reports(study):
+    skew = pd.read_csv(study / paths.skew_table("csv"))
+    assert list(skew["arm"]) == ["cluster-balanced", "label-balanced"]
+    label_balanced = skew.set_index("arm").loc["label-balanced"]
+    # 60 skewed images, 2 per minority class; the oracle keeps 30 // 10 = 3 per class, at most 2
+    assert label_balanced["n_train"] == 7 * 3 + 3 * 2
+    assert label_balanced["train_minority_share"] == pytest.approx(6 / 27)
+    assert (study / paths.skew_plot()).stat().st_size > 1000
+
+
 def metrics_of(study, run, seed=0):
     return json.loads((study / paths.metrics(run, seed)).read_text())
 
