@@ -70,7 +70,7 @@ rule evaluate:
         resolution=config["train"]["resolution"],
     log:
         paths.log("evaluate", "{run}_s{seed}"),
-    threads: workflow.cores
+    threads: 1
     resources:
         mem_mb=8000,
     conda:

@@ -11,7 +11,7 @@ rule train:
         checkpoints=lambda wildcards: paths.checkpoints(wildcards.run, wildcards.seed),
     log:
         paths.log("train", "{run}_s{seed}"),
-    threads: workflow.cores
+    threads: 1  # small models: parallel jobs beat threads; raise with --set-threads
     resources:
         mem_mb=8000,
         gpu=1 if config["train"]["device"] != "cpu" else 0,
@@ -34,7 +34,7 @@ rule sample:
         device=config["train"]["device"],
     log:
         paths.log("sample", "{run}_s{seed}"),
-    threads: workflow.cores
+    threads: 1  # small models: parallel jobs beat threads; raise with --set-threads
     resources:
         mem_mb=8000,
         gpu=1 if config["train"]["device"] != "cpu" else 0,
