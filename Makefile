@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps run test lint bench dvc-repro clean-study help
+.PHONY: setup data-deps run study-scores test lint bench dvc-repro help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -35,6 +35,9 @@ data-deps:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is ava
 run: setup  ## run the default study (Snakemake), then record it in DVC without recomputing
 	$(BIN)/snakemake --cores all
 	$(BIN)/dvc commit --force --quiet
+
+study-scores: setup  ## the score-based methods (EL2N, GraNd, forgetting, MoSo) against clustering
+	$(BIN)/snakemake --cores all --configfile workflow/studies/scores.yaml
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q

@@ -175,27 +175,28 @@ def skew_plot() -> Path:
     return RESULTS / "skew" / "class_shares.png"
 
 
-# report
-def report_table(metric: str, ext: str) -> Path:
-    return RESULTS / "tables" / f"{metric}.{ext}"
+# report: `root` is params report.dir, so a second study (e.g. workflow/studies/scores.yaml) keeps
+# its own tables while sharing every run it has in common with the default study.
+def report_table(metric: str, ext: str, root: str | Path = RESULTS) -> Path:
+    return Path(root) / "tables" / f"{metric}.{ext}"
 
 
-def report_plot(name: str) -> Path:
-    return RESULTS / "plots" / f"{name}.png"
+def report_plot(name: str, root: str | Path = RESULTS) -> Path:
+    return Path(root) / "plots" / f"{name}.png"
 
 
-def report_markdown() -> Path:
+def report_markdown(root: str | Path = RESULTS) -> Path:
     """Every table with its caption, for the README."""
-    return RESULTS / "report.md"
+    return Path(root) / "report.md"
 
 
-def summary() -> Path:
+def summary(root: str | Path = RESULTS) -> Path:
     """One row per run and seed with every metric."""
-    return RESULTS / "summary.csv"
+    return Path(root) / "summary.csv"
 
 
-def sample_mosaic() -> Path:
-    return RESULTS / "samples.png"
+def sample_mosaic(root: str | Path = RESULTS) -> Path:
+    return Path(root) / "samples.png"
 
 
 def log(rule: str, name: str = "") -> Path:

@@ -84,6 +84,39 @@ def test_skew_study_rebalances_and_reports(study):
     assert (study / paths.skew_plot()).stat().st_size > 1000
 
 
+def test_score_methods_run_end_to_end(study):
+    """The score profile at tiny size: surrogates, scores once, manifests for every score rule."""
+    methods = ["el2n", "grand-inverse", "forgetting", "moso-mid"]
+    params = tiny_params(
+        study={**tiny_params()["study"], "methods": methods},
+        scores={**tiny_params()["scores"], "names": ["el2n", "grand", "forgetting", "moso"],
+                "surrogates": ["full", "moso"], "steps": 4, "num_snapshots": 2,
+                "moso_steps": 2, "moso_snapshots": 1, "batch_size": 16},
+    )  # fmt: skip
+    write_params(study, params)
+    try:
+        targets = [str(paths.manifest(f"{m}_r0.5", 0)) for m in methods]
+        snakemake(study, *targets)
+    finally:
+        write_params(study, tiny_params())
+    for method in methods:
+        manifest = pd.read_parquet(study / paths.manifest(f"{method}_r0.5", 0))
+        assert manifest["keep"].sum() == 60 and manifest["score"].notna().all()
+        meta = json.loads((study / paths.manifest_meta(f"{method}_r0.5", 0)).read_text())
+        assert meta["compute"]["scores_seconds"] > 0  # surrogate training + scoring
+    el2n = pd.read_parquet(study / paths.manifest("el2n_r0.5", 0))
+    assert el2n.loc[el2n["keep"], "score"].min() >= el2n.loc[~el2n["keep"], "score"].max()
+
+
+def test_snakemake_report_and_dvc_plots(study, tmp_path):
+    html = tmp_path / "report.html"
+    snakemake(study, "--report", str(html))
+    text = html.read_text(errors="replace")
+    assert "cost.png" in text and "random_r0.5_s0.png" in text
+    plots = dvc(study, "plots", "show", "--json").stdout
+    assert "dvclive" in plots and "results/plots" in plots
+
+
 def metrics_of(study, run, seed=0):
     return json.loads((study / paths.metrics(run, seed)).read_text())
 

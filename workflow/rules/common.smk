@@ -7,6 +7,7 @@ from diffprune.select import needs
 validate_params(config, source="params.yaml (with --config overrides)")
 
 GRID = grid(config)
+REPORT = config["report"]["dir"]
 SKEW_RUNS = [(f"{paths.SKEW}{arm}", seed) for arm in config["skew"]["arms"] for seed in config["study"]["seeds"]]
 SPLITS = ("train", "test")
 

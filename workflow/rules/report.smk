@@ -4,24 +4,24 @@ rule report:
         metrics=[paths.metrics(run, seed) for run, seed in GRID],
         grids=[paths.sample_grid(run, seed) for run, seed in GRID],
     output:
-        tables=[paths.report_table(m, "csv") for m in report_metrics()]
-        + [paths.report_table(m, "md") for m in report_metrics()],
+        tables=[paths.report_table(m, "csv", REPORT) for m in report_metrics()]
+        + [paths.report_table(m, "md", REPORT) for m in report_metrics()],
         plots=[
             report(
-                paths.report_plot(m),
+                paths.report_plot(m, REPORT),
                 caption="../report/metric.rst",
                 category="Metrics against ratio",
             )
             for m in report_metrics()
         ],
         cost=report(
-            paths.report_plot("cost"), caption="../report/cost.rst", category="Cost"
+            paths.report_plot("cost", REPORT), caption="../report/cost.rst", category="Cost"
         ),
         mosaic=report(
-            paths.sample_mosaic(), caption="../report/samples.rst", category="Samples"
+            paths.sample_mosaic(REPORT), caption="../report/samples.rst", category="Samples"
         ),
-        markdown=paths.report_markdown(),
-        summary=paths.summary(),
+        markdown=paths.report_markdown(REPORT),
+        summary=paths.summary(REPORT),
     params:
         study=config["study"],
         report=config["report"],

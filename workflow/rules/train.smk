@@ -28,7 +28,12 @@ rule sample:
         model=paths.model("{run}", "{seed}"),
     output:
         samples=paths.samples("{run}", "{seed}"),
-        grid=paths.sample_grid("{run}", "{seed}"),
+        grid=report(
+            paths.sample_grid("{run}", "{seed}"),
+            caption="../report/samples.rst",
+            category="Samples",
+            labels={"run": "{run}", "seed": "{seed}"},
+        ),
     params:
         sample=config["sample"],
         device=config["train"]["device"],
