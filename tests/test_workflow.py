@@ -149,6 +149,8 @@ def test_dvc_records_a_snakemake_run_without_recomputing(study):
     assert "Data and pipelines are up to date" in status
     repro = dvc(study, "repro").stdout
     assert "Running stage" not in repro
+    # DVC rewrote the files (cache links) without changing them: Snakemake must not rerun.
+    assert planned_jobs(study) == []
 
 
 def test_dvc_repro_rebuilds_the_same_bytes(study):
