@@ -54,6 +54,7 @@ def make_project(root: Path, params: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
+    (root / "profiles").symlink_to("workflow/profiles")  # Snakemake's implicit workflow profile
     for name in ("workflow", ".dvc", "diffprune"):
         shutil.copytree(
             REPO / name, root / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__")
