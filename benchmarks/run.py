@@ -96,10 +96,10 @@ def main() -> None:
     results = {
         "kmeans": bench_kmeans(
             n=5_000 if small else 50_000, dim=128 if small else 512, k=20 if small else 100,
-            iterations=10 if small else 20, repeats=1 if small else 3,
+            iterations=10 if small else 20, repeats=1 if small else 2,
         ),
         "grand": bench_grand(
-            n=32 if small else 256, resolution=16, batch_size=32, repeats=1 if small else 2
+            n=32 if small else 128, resolution=16, batch_size=32, repeats=1
         ),
     }  # fmt: skip
     lines = ["# Benchmarks", "", f"Machine: {json.dumps(machine)}", ""]
