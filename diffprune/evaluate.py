@@ -16,7 +16,7 @@ import numpy as np
 
 from diffprune import classifier as cnn
 from diffprune.data import to_model_input, to_uint8
-from diffprune.features import FEATURE_LABELS, FeatureExtractor, extract, load_feature_extractor
+from diffprune.features import FEATURE_LABELS, FeatureExtractor, extract
 from diffprune.metrics import (
     class_shares,
     coverage,
@@ -45,25 +45,6 @@ def at_resolution(images: np.ndarray, resolution: int, *, batch_size: int = 4096
             to_uint8(to_model_input(np.asarray(images[i : i + batch_size]), resolution))
             for i in range(0, len(images), batch_size)
         ]
-    )
-
-
-def feature_extractor(
-    feature: str,
-    *,
-    resolution: int,
-    classifier_path: str | os.PathLike | None = None,
-    image_size: int = 64,
-    inception_weights: str | None = None,
-    device: str = "auto",
-) -> FeatureExtractor:
-    return load_feature_extractor(
-        feature,
-        resolution=resolution,
-        classifier_path=classifier_path,
-        image_size=image_size,
-        inception_weights=inception_weights,
-        device=device,
     )
 
 

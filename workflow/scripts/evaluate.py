@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from diffprune import io
-from diffprune.evaluate import class_balance, evaluate_samples, feature_extractor
+from diffprune.evaluate import class_balance, evaluate_samples
+from diffprune.features import load_feature_extractor
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
@@ -18,7 +19,7 @@ training = io.load_json(Path(inputs.model) / "train.json")
 manifest = pd.read_parquet(inputs.manifest, columns=["sample_id", "keep"])
 samples = np.load(inputs.samples)
 extractors = {
-    feature: feature_extractor(
+    feature: load_feature_extractor(
         feature,
         resolution=snakemake.params.resolution,
         classifier_path=inputs.get("classifier"),

@@ -1,15 +1,15 @@
 """Snakemake script for rule `reference`: one split's real images in one feature space."""
 
 from diffprune.data import load_store
-from diffprune.evaluate import at_resolution, feature_extractor
-from diffprune.features import extract
+from diffprune.evaluate import at_resolution
+from diffprune.features import extract, load_feature_extractor
 from diffprune.logs import setup
 from diffprune.metrics import reference_stats, save_reference
 
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg, resolution = snakemake.params.evaluate, snakemake.params.resolution
 store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
-extractor = feature_extractor(
+extractor = load_feature_extractor(
     snakemake.wildcards.feature,
     resolution=resolution,
     classifier_path=snakemake.input.get("classifier"),
