@@ -35,11 +35,10 @@ from diffprune.surrogate import (
     META,
     MOSO_META,
     SUBSETS,
-    batches,
     images_sha256,
     load_snapshot,
-    model_device,
     sample_losses,
+    scoring_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,6 @@ def per_sample_grad_stats(
 
     Returns float64 arrays (N,); the second is None without a `reference` (name -> tensor).
     """
-    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
     scheduler = build_scheduler(cfg)
     objective = cfg["objective"]
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -137,33 +135,26 @@ def per_sample_grad_stats(
     per_sample_grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))
     sq = np.empty(len(images), dtype=np.float64)
     dots = None if reference is None else np.empty(len(images), dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings(), torch.autocast(model_device(model).type, enabled=False):
-            # Attention has no vmap batching rule on CPU; torch falls back to a loop and says so.
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            for rows, x0, noise, t in batches(
-                images,
-                resolution=cfg["resolution"],
-                scheduler=scheduler,
-                sample_ids=sample_ids,
-                seed=seed,
-                batch_size=batch_size,
-                device=model_device(model),
-                progress=progress,
-                desc="per-sample gradients",
-            ):
-                grads = per_sample_grads(params, x0, noise, t)
-                flat = {name: g.flatten(1) for name, g in grads.items()}
-                sq[rows] = _sum64(g.pow(2).sum(1) for g in flat.values())
-                if reference is not None:
-                    dots[rows] = _sum64(
-                        flat[name] @ ref.flatten() for name, ref in reference.items()
-                    )
-                del grads, flat
-    finally:
-        model.train(was_training)
+    with warnings.catch_warnings():
+        # Attention has no vmap batching rule on CPU; torch falls back to a loop and says so.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        for rows, x0, noise, t in scoring_batches(
+            model,
+            images,
+            cfg=cfg,
+            scheduler=scheduler,
+            sample_ids=sample_ids,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            desc="per-sample gradients",
+        ):
+            grads = per_sample_grads(params, x0, noise, t)
+            flat = {name: g.flatten(1) for name, g in grads.items()}
+            sq[rows] = _sum64(g.pow(2).sum(1) for g in flat.values())
+            if reference is not None:
+                dots[rows] = _sum64(flat[name] @ ref.flatten() for name, ref in reference.items())
+            del grads, flat
     return sq, dots
 
 
@@ -205,33 +196,25 @@ def grand_loop(
     progress: bool = True,
 ) -> np.ndarray:
     """GraNd the reference's way: one backward pass per sample (batch size 1). For checking."""
-    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
     scheduler = build_scheduler(cfg)
     params = list(model.parameters())
     out = np.empty(len(images), dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(model_device(model).type, enabled=False):
-            for rows, x0, noise, t in batches(
-                images,
-                resolution=cfg["resolution"],
-                scheduler=scheduler,
-                sample_ids=sample_ids,
-                seed=seed,
-                batch_size=1,
-                device=model_device(model),
-                progress=progress,
-                desc="GraNd (loop)",
-            ):
-                loss = per_sample_loss(
-                    model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
-                )[0]
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                sq = _sum64(g.pow(2).sum()[None] for g in grads if g is not None)
-                out[rows] = np.sqrt(sq)
-    finally:
-        model.train(was_training)
+    for rows, x0, noise, t in scoring_batches(
+        model,
+        images,
+        cfg=cfg,
+        scheduler=scheduler,
+        sample_ids=sample_ids,
+        seed=seed,
+        batch_size=1,
+        progress=progress,
+        desc="GraNd (loop)",
+    ):
+        loss = per_sample_loss(
+            model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
+        )[0]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out[rows] = np.sqrt(_sum64(g.pow(2).sum()[None] for g in grads if g is not None))
     return out
 
 
@@ -250,34 +233,27 @@ def mean_gradient(
     The loss is per sample (no batch statistics in the model), so the gradient of the summed
     batch loss is the sum of the per-sample gradients: one ordinary backward pass per batch.
     """
-    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
     scheduler = build_scheduler(cfg)
     names, params = zip(*model.named_parameters(), strict=True)
     total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(model_device(model).type, enabled=False):
-            for _, x0, noise, t in batches(
-                images,
-                resolution=cfg["resolution"],
-                scheduler=scheduler,
-                sample_ids=sample_ids,
-                seed=seed,
-                batch_size=batch_size,
-                device=model_device(model),
-                progress=progress,
-                desc="mean gradient",
-            ):
-                loss = per_sample_loss(
-                    model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
-                ).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for acc, g in zip(total, grads, strict=True):
-                    if g is not None:
-                        acc += g.double()
-    finally:
-        model.train(was_training)
+    for _, x0, noise, t in scoring_batches(
+        model,
+        images,
+        cfg=cfg,
+        scheduler=scheduler,
+        sample_ids=sample_ids,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        desc="mean gradient",
+    ):
+        loss = per_sample_loss(
+            model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
+        ).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for acc, g in zip(total, grads, strict=True):
+            if g is not None:
+                acc += g.double()
     return {
         name: (acc / len(images)).to(p.dtype)
         for name, acc, p in zip(names, total, params, strict=True)

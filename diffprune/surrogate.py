@@ -115,6 +115,45 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def scoring_batches(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    scheduler: Any,
+    sample_ids: np.ndarray | None = None,
+    seed: int = 0,
+    draw_index: int = 0,
+    timestep: float | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`batches` for scoring `model`: on its device, in eval mode and float32 (autocast off),
+    with the fixed per-sample draws; the model's mode is restored afterwards."""
+    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield from batches(
+                images,
+                resolution=cfg["resolution"],
+                scheduler=scheduler,
+                sample_ids=sample_ids,
+                seed=seed,
+                draw_index=draw_index,
+                timestep=timestep,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                desc=desc,
+            )
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample_losses(
     model: torch.nn.Module,
@@ -133,33 +172,25 @@ def sample_losses(
     `cfg` is the train config the model was built from (objective, resolution, scheduler).
     Runs on the model's device, in float32 (autocast off), in eval mode; restores the mode after.
     """
-    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
     scheduler = build_scheduler(cfg)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
     out = np.empty(len(images), dtype=np.float64)
-    try:
-        with torch.autocast(device.type, enabled=False):
-            for rows, x0, noise, t in batches(
-                images,
-                resolution=cfg["resolution"],
-                scheduler=scheduler,
-                sample_ids=sample_ids,
-                seed=seed,
-                draw_index=draw_index,
-                timestep=timestep,
-                batch_size=batch_size,
-                device=device,
-                progress=progress,
-                desc="losses",
-            ):
-                loss = per_sample_loss(
-                    model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
-                )
-                out[rows] = loss.double().cpu().numpy()
-    finally:
-        model.train(was_training)
+    for rows, x0, noise, t in scoring_batches(
+        model,
+        images,
+        cfg=cfg,
+        scheduler=scheduler,
+        sample_ids=sample_ids,
+        seed=seed,
+        draw_index=draw_index,
+        timestep=timestep,
+        batch_size=batch_size,
+        progress=progress,
+        desc="losses",
+    ):
+        loss = per_sample_loss(
+            model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
+        )
+        out[rows] = loss.double().cpu().numpy()
     return out
 
 
