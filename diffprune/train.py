@@ -78,15 +78,16 @@ def train(
     checkpoint_dir: str | os.PathLike,
     log_dir: str | os.PathLike | None = None,
     snapshot_every: int | None = None,
-    on_snapshot: Callable[[int, torch.nn.Module], None] | None = None,
+    on_snapshot: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
     progress: bool = True,
     keep_checkpoint: bool = False,
 ) -> dict:
     """Train on `images` (uint8 NHWC, the KEPT subset only) and write the EMA model to `out_dir`.
 
-    `on_snapshot(step, model)` is called with the (unwrapped, training-mode) model after every
-    `snapshot_every`-th step, before that step's checkpoint is written, so a crash inside it is
-    retried on resume. It must leave the model's weights and mode as it found them.
+    `on_snapshot(step, model, ema)` is called with the (unwrapped, training-mode) model and the EMA
+    model (eval mode, updated for that step) after every `snapshot_every`-th step, before that
+    step's checkpoint is written, so a crash inside it is retried on resume. It must leave both
+    models' weights and modes as it found them.
     Returns the train.json summary.
     """
     start_time = time.perf_counter()
@@ -177,7 +178,7 @@ def train(
                 if live is not None:
                     _log_loss(live, step, mean_loss)
             if on_snapshot is not None and snapshot_every and step % snapshot_every == 0 and main:
-                on_snapshot(step, accelerator.unwrap_model(model))
+                on_snapshot(step, accelerator.unwrap_model(model), ema)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
                 if main:
                     _save_checkpoint(

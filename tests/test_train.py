@@ -65,8 +65,8 @@ class Crash(RuntimeError):
 
 
 def crash_at(crash_step):
-    def on_snapshot(step, model):
-        assert model.training
+    def on_snapshot(step, model, ema):
+        assert model.training and not ema.training
         if step == crash_step:
             raise Crash(f"simulated crash at step {step}")
 
@@ -131,7 +131,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
         tmp_path,
         "crashed",
         snapshot_every=2,
-        on_snapshot=lambda step, model: snapshots.append(step),
+        on_snapshot=lambda step, model, ema: snapshots.append(step),
         log_dir=tmp_path / "log",
         keep_checkpoint=True,
     )
