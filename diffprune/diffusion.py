@@ -186,6 +186,22 @@ def draw(
     return noise.to(x0.device, x0.dtype), timesteps.to(x0.device)
 
 
+def fixed_timestep(scheduler: Scheduler, index: int) -> int | float:
+    """Model time for a fixed-t score, from a DDPM-style index in [0, num_train_timesteps).
+
+    DDPM: the index itself. Flow: ``t = 1 - index / num_train_timesteps`` (t = 1 is data), the same
+    fraction of the way from data to noise, so the reference's 15 of 1000 is t = 0.985 (nearly clean
+    data) under both objectives. It matches that fraction, not the noise level: DDPM's linear
+    schedule at 15 has noise std 0.06, flow at 0.985 has 0.015.
+    """
+    steps = scheduler.config.num_train_timesteps
+    if not 0 <= index < steps:
+        raise ValueError(f"timestep {index} must be an integer in [0, num_train_timesteps={steps})")
+    if isinstance(scheduler, FlowMatchingScheduler):
+        return 1 - index / steps
+    return int(index)
+
+
 def per_sample_loss(
     model: Callable,
     scheduler: Scheduler,

@@ -1,8 +1,10 @@
 """Surrogate diffusion models for the score-based selection rules ("score once, select many").
 
 One surrogate is trained on the full training set; its evenly spaced snapshots feed EL2N and GraNd
-(the last snapshot) and forgetting (the per-sample loss recorded at every snapshot). MoSo trains one
-surrogate per disjoint subset of the data. Every per-sample quantity uses a FIXED noise and timestep
+(the last snapshot, EMA or raw weights) and forgetting (the per-sample loss of the raw weights
+recorded at every snapshot: the training dynamics, which the EMA would smooth away). MoSo trains one
+surrogate per disjoint subset of the data and uses the raw weights (gradients of the trained model,
+as Tan et al.). Every per-sample quantity uses a FIXED noise and timestep
 per sample, from a generator seeded by (seed, sample_id, draw): a sample's draw does not depend on
 the batch size, on the subset it sits in or on the device, so loss records taken at different
 snapshots are comparable and scores are reproducible.
@@ -10,6 +12,7 @@ snapshots are comparable and scores are reproducible.
 A surrogate folder holds:
     model/                 final EMA weights and train.json, written by diffprune.train.train
     snapshots/step_<step>.pt  raw (non-EMA) model state dicts at the snapshot steps
+    snapshots/ema_step_<step>.pt  the EMA model's state dicts at the same steps
     losses.npy             float32 (num_snapshots, N): per-sample loss at each snapshot (forgetting)
     surrogate.json         cfg, seed, snapshot steps, image hash, wall seconds
 A MoSo folder holds subsets.npy (int64 (N,): the subset of each sample), subset_<k>/ (one surrogate
@@ -32,7 +35,14 @@ from tqdm.auto import tqdm
 
 from diffprune import io
 from diffprune.data import to_model_input
-from diffprune.diffusion import build_model, build_scheduler, draw, per_sample_loss
+from diffprune.diffusion import (
+    build_model,
+    build_scheduler,
+    draw,
+    fixed_timestep,
+    per_sample_loss,
+)
+from diffprune.errors import DataError
 from diffprune.train import train
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,7 @@ LOSSES = "losses.npy"
 META = "surrogate.json"
 MOSO_META = "moso.json"
 SUBSETS = "subsets.npy"
+WEIGHTS = ("ema", "raw")
 
 
 def images_sha256(images: np.ndarray) -> str:
@@ -59,12 +70,13 @@ def fixed_draws(
     *,
     seed: int,
     draw_index: int = 0,
-    timestep: float | None = None,
+    timestep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise and timestep for each sample of a CPU batch, seeded by (seed, sample_id, draw_index).
 
-    `timestep` replaces the drawn t by one fixed value for every sample (the paper's "fixed t for
-    DDPM" EL2N variant); the noise is still per sample.
+    `timestep` (a DDPM-style index, see diffusion.fixed_timestep) replaces the drawn t by one fixed
+    value for every sample (the reference's t = 15 of 1000 for EL2N and GraNd); the noise is still
+    per sample and the same as without it.
     """
     noises, steps = [], []
     for i, sample_id in enumerate(sample_ids):
@@ -77,7 +89,7 @@ def fixed_draws(
         steps.append(t)
     noise, t = torch.cat(noises), torch.cat(steps)
     if timestep is not None:
-        t = torch.full_like(t, timestep)
+        t = torch.full_like(t, fixed_timestep(scheduler, timestep))
     return noise, t
 
 
@@ -89,7 +101,7 @@ def batches(
     sample_ids: np.ndarray,
     seed: int,
     draw_index: int = 0,
-    timestep: float | None = None,
+    timestep: int | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -124,7 +136,7 @@ def scoring_batches(
     sample_ids: np.ndarray | None = None,
     seed: int = 0,
     draw_index: int = 0,
-    timestep: float | None = None,
+    timestep: int | None = None,
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "",
@@ -163,7 +175,7 @@ def sample_losses(
     sample_ids: np.ndarray | None = None,
     seed: int = 0,
     draw_index: int = 0,
-    timestep: float | None = None,
+    timestep: int | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
@@ -202,8 +214,18 @@ def snapshot_steps(steps: int, num_snapshots: int) -> list[int]:
     return [every * k for k in range(1, num_snapshots + 1)]
 
 
-def _snapshot_name(step: int) -> str:
-    return f"step_{step:07d}.pt"
+def _snapshot_name(step: int, weights: str = "raw") -> str:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    return f"{'ema_' if weights == 'ema' else ''}step_{step:07d}.pt"
+
+
+def _save_state(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Write a CPU copy of `model`'s state dict to `path` (atomically) and return it."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    with io.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return state
 
 
 def train_surrogate(
@@ -235,12 +257,11 @@ def train_surrogate(
     work.mkdir(parents=True, exist_ok=True)
     sample_ids, in_channels = np.arange(len(images)), int(images.shape[-1])
 
-    def on_snapshot(step: int, model: torch.nn.Module) -> None:
+    def on_snapshot(step: int, model: torch.nn.Module, ema: torch.nn.Module) -> None:
         if step not in steps:
             return
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        with io.atomic_path(work / _snapshot_name(step)) as tmp:
-            torch.save(state, tmp)
+        _save_state(ema, work / _snapshot_name(step, "ema"))
+        state = _save_state(model, work / _snapshot_name(step))
         if record_losses:
             # Score a float32 copy, exactly what load_snapshot gives later: the training model may
             # run its forward under accelerate's mixed-precision autocast.
@@ -271,7 +292,8 @@ def train_surrogate(
         progress=progress,
     )
 
-    missing = [s for s in steps if not (work / _snapshot_name(s)).exists()]
+    names = [_snapshot_name(s, weights) for s in steps for weights in WEIGHTS]
+    missing = [s for s in steps for w in WEIGHTS if not (work / _snapshot_name(s, w)).exists()]
     if record_losses:
         missing += [s for s in steps if not (work / f"losses_{s:07d}.npy").exists()]
     if missing:
@@ -280,9 +302,9 @@ def train_surrogate(
             f"delete {checkpoint_dir} and train the surrogate again"
         )
     (out_dir / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        with io.atomic_path(out_dir / SNAPSHOTS / _snapshot_name(step)) as tmp:
-            shutil.copyfile(work / _snapshot_name(step), tmp)
+    for name in names:
+        with io.atomic_path(out_dir / SNAPSHOTS / name) as tmp:
+            shutil.copyfile(work / name, tmp)
     if record_losses:
         records = np.stack([np.load(work / f"losses_{s:07d}.npy") for s in steps])
         io.save_npy(out_dir / LOSSES, records)
@@ -371,17 +393,29 @@ def train_moso_surrogates(
 
 
 def load_snapshot(
-    surrogate_dir: str | os.PathLike, step: int | None = None, *, device: str | torch.device = "cpu"
+    surrogate_dir: str | os.PathLike,
+    step: int | None = None,
+    *,
+    weights: str = "raw",
+    device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """The surrogate's model at a snapshot step (default: the last one), in eval mode."""
+    """The surrogate's model at a snapshot step (default: the last one), in eval mode.
+
+    weights: "raw" (the trained weights) or "ema" (their exponential moving average at that step,
+    what a model samples from).
+    """
     surrogate_dir = Path(surrogate_dir)
     meta = io.load_json(surrogate_dir / META)
     step = meta["snapshot_steps"][-1] if step is None else step
     if step not in meta["snapshot_steps"]:
         raise ValueError(f"no snapshot at step {step}; snapshots: {meta['snapshot_steps']}")
+    path = surrogate_dir / SNAPSHOTS / _snapshot_name(step, weights)
+    if not path.exists():
+        raise DataError(
+            f"{path} missing: the surrogate has no {weights} snapshot at step {step} (older "
+            f"surrogates kept raw weights only); train it again or set scores.weights: raw"
+        )
     model = build_model(meta["cfg"], in_channels=meta["in_channels"])
-    state = torch.load(
-        surrogate_dir / SNAPSHOTS / _snapshot_name(step), map_location="cpu", weights_only=True
-    )
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval()
