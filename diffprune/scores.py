@@ -3,7 +3,10 @@
 Every score is a float64 array with one value per sample, in sample_id order, and HIGHER = KEEP
 (diffprune.select keeps the highest by default, the lowest for "-inverse"). Scores read the
 snapshots of a surrogate trained by diffprune.surrogate; every per-sample loss uses that sample's
-fixed (seeded) noise and timestep, so the numbers do not depend on batch size or device.
+fixed (seeded) noise and timestep, so the numbers do not depend on batch size, order or device.
+EL2N and GraNd take a fixed timestep for every sample by default (params `scores.timestep`, the
+reference's t = 15 of 1000), so they rank samples rather than the timestep each one happened to
+draw, and score the EMA weights of the surrogate's last snapshot (`scores.weights`).
 
 Per-sample gradients are taken with torch.func (functional_call + vmap(grad)) over chunks of
 `batch_size` samples: each vmapped call sees a batch of one, which is exactly the reference's
@@ -35,6 +38,7 @@ from diffprune.surrogate import (
     META,
     MOSO_META,
     SUBSETS,
+    WEIGHTS,
     images_sha256,
     load_snapshot,
     sample_losses,
@@ -44,8 +48,8 @@ from diffprune.surrogate import (
 log = logging.getLogger(__name__)
 
 SCORES = ("el2n", "grand", "forgetting", "moso")
-# Keys of params["scores"] that compute_scores reads, with their defaults.
-DEFAULTS: dict[str, Any] = {"el2n_draws": 1, "el2n_timestep": None}
+# Keys of params["scores"] that compute_scores reads, with their defaults (those of params.yaml).
+DEFAULTS: dict[str, Any] = {"el2n_draws": 1, "timestep": 15, "weights": "ema"}
 
 
 def el2n(
@@ -55,7 +59,7 @@ def el2n(
     cfg: dict,
     seed: int = 0,
     draws: int = 1,
-    timestep: float | None = None,
+    timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 256,
     progress: bool = True,
@@ -64,7 +68,8 @@ def el2n(
 
     Draw d of sample i is seeded by (seed, sample_id, d), so draws=1 is the paper's "one draw of
     t and noise per sample"; more draws lower the variance of a score that is otherwise dominated
-    by the random t. `timestep` fixes t for every sample (the paper's DDPM variant).
+    by the random t. `timestep` (a DDPM-style index, diffusion.fixed_timestep) fixes t for every
+    sample, as the reference does; draws then differ in the noise only.
     `cfg` is the train config the model was built from.
     """
     if draws < 1:
@@ -109,12 +114,13 @@ def per_sample_grad_stats(
     cfg: dict,
     reference: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
+    timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """|g_i|^2 and <reference, g_i> for every sample: g_i is the gradient of sample i's loss (its
-    fixed draw) w.r.t. ALL parameters of `model`.
+    fixed draw, with t fixed to `timestep` if given) w.r.t. ALL parameters of `model`.
 
     Returns float64 arrays (N,); the second is None without a `reference` (name -> tensor).
     """
@@ -145,6 +151,7 @@ def per_sample_grad_stats(
             scheduler=scheduler,
             sample_ids=sample_ids,
             seed=seed,
+            timestep=timestep,
             batch_size=batch_size,
             progress=progress,
             desc="per-sample gradients",
@@ -169,16 +176,20 @@ def grand(
     *,
     cfg: dict,
     seed: int = 0,
+    timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> np.ndarray:
-    """GraNd analogue: L2 norm of the per-sample loss gradient over all parameters (batched)."""
+    """GraNd analogue: L2 norm of the per-sample loss gradient over all parameters (batched).
+
+    `timestep` fixes t for every sample as in `el2n`."""
     sq, _ = per_sample_grad_stats(
         model,
         images,
         cfg=cfg,
         seed=seed,
+        timestep=timestep,
         sample_ids=sample_ids,
         batch_size=batch_size,
         progress=progress,
@@ -192,6 +203,7 @@ def grand_loop(
     *,
     cfg: dict,
     seed: int = 0,
+    timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -206,6 +218,7 @@ def grand_loop(
         scheduler=scheduler,
         sample_ids=sample_ids,
         seed=seed,
+        timestep=timestep,
         batch_size=1,
         progress=progress,
         desc="GraNd (loop)",
@@ -323,13 +336,17 @@ def compute_scores(
 
     surrogate_dir: the full-data surrogate (train_surrogate) for el2n / grand / forgetting, the
     MoSo folder (train_moso_surrogates) for moso. images: the surrogate's training images (uint8
-    NHWC, checked by hash). cfg: params["scores"] (keys in DEFAULTS; others ignored). seed: the
-    per-sample draws. Returns (float64 (N,), info) where info["seconds"] is what the scores cost in
-    all: surrogate training plus scoring (info["gpu_seconds"]: the part run on one GPU).
+    NHWC, checked by hash). cfg: params["scores"] (keys in DEFAULTS; others ignored): `timestep`
+    and `weights` apply to el2n and grand only (forgetting reads the raw-weight loss records, MoSo
+    the raw weights with one random draw per sample). seed: the per-sample draws. Returns
+    (float64 (N,), info) where info["seconds"] is what the scores cost in all: surrogate training
+    plus scoring (info["gpu_seconds"]: the part run on one GPU).
     """
     if name not in SCORES:
         raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORES)}")
     cfg = {**DEFAULTS, **(cfg or {})}
+    if cfg["weights"] not in WEIGHTS:
+        raise ValueError(f"scores.weights = {cfg['weights']!r}: choose one of {', '.join(WEIGHTS)}")
     surrogate_dir = Path(surrogate_dir)
     meta_path = surrogate_dir / (MOSO_META if name == "moso" else META)
     if not meta_path.exists():
@@ -356,12 +373,16 @@ def compute_scores(
             progress=progress,
         )
     else:
-        model = load_snapshot(surrogate_dir, device=device)
-        kwargs = {"cfg": meta["cfg"], "seed": seed, "batch_size": batch_size, "progress": progress}
+        model = load_snapshot(surrogate_dir, weights=cfg["weights"], device=device)
+        kwargs = {
+            "cfg": meta["cfg"],
+            "seed": seed,
+            "timestep": cfg["timestep"],
+            "batch_size": batch_size,
+            "progress": progress,
+        }
         if name == "el2n":
-            scores = el2n(
-                model, images, draws=cfg["el2n_draws"], timestep=cfg["el2n_timestep"], **kwargs
-            )
+            scores = el2n(model, images, draws=cfg["el2n_draws"], **kwargs)
         else:
             scores = grand(model, images, **kwargs)
     if device.type == "cuda":

@@ -1,5 +1,6 @@
 """Score-based rules: batched per-sample gradients against the batch-size-1 loop, MoSo against its
-formula on explicit gradients, forgetting counts, EL2N determinism, and surrogate training."""
+formula on explicit gradients, forgetting counts, EL2N determinism, the fixed timestep and the EMA
+weights against hand computations, and surrogate training."""
 
 import numpy as np
 import pytest
@@ -26,6 +27,11 @@ from diffprune.surrogate import (
     train_moso_surrogates,
     train_surrogate,
 )
+from diffprune.train import load_model
+
+# compute_scores' params for the last raw snapshot with one random draw per sample (the defaults
+# are the EMA weights at timestep 15): its EL2N is then the last loss record.
+RAW_RANDOM = {"weights": "raw", "timestep": None}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -174,6 +180,51 @@ def test_fixed_timestep_keeps_the_per_sample_noise():
     np.testing.assert_allclose(scores, expected.detach().numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_fixed_timestep_scores_ignore_batch_size_and_order(objective):
+    cfg = tiny_cfg(objective=objective)
+    model, images = tiny_model(cfg), tiny_images(7)
+    ids = np.arange(100, 107)  # sample ids, not positions, seed the noise
+    order = np.random.default_rng(1).permutation(7)
+    for score in (el2n, grand):
+        kwargs = {"cfg": cfg, "seed": 2, "timestep": 15, "progress": False}
+        whole = score(model, images, sample_ids=ids, batch_size=7, **kwargs)
+        shuffled = score(model, images[order], sample_ids=ids[order], batch_size=3, **kwargs)
+        np.testing.assert_allclose(shuffled, whole[order], rtol=1e-5)
+        assert np.unique(whole).size == 7
+
+
+def hand_loss(model, x0, noise, objective):
+    """One sample's loss at the reference's timestep 15 of 1000, written out from the formulas."""
+    scheduler = build_scheduler(tiny_cfg(objective=objective))
+    if objective == "ddpm":
+        alpha_bar = scheduler.alphas_cumprod[15]
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        net_t, target = torch.tensor([15]), noise
+    else:  # t = 1 - 15/1000: as close to the data as DDPM's step 15; the network sees t * 1000
+        x_t = 0.985 * x0 + 0.015 * noise
+        net_t, target = torch.tensor([985.0]), x0 - noise
+    return (model(x_t, net_t).sample - target).square().mean()
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_fixed_timestep_scores_equal_the_hand_computed_loss_and_gradient(objective):
+    cfg = tiny_cfg(objective=objective)
+    model, images, sample = tiny_model(cfg).eval(), tiny_images(3), 2
+    x0 = to_model_input(images[sample : sample + 1], 8)
+    noise, _ = fixed_draws(x0, [sample], build_scheduler(cfg), seed=4)
+    loss = hand_loss(model, x0, noise, objective)
+    grad_norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, model.parameters())])
+    kwargs = {"cfg": cfg, "seed": 4, "progress": False}
+    assert el2n(model, images, timestep=15, **kwargs)[sample] == pytest.approx(loss.item(), 1e-5)
+    assert grand(model, images, timestep=15, **kwargs)[sample] == pytest.approx(
+        grad_norm.norm().item(), 1e-4
+    )
+    assert el2n(model, images, **kwargs)[sample] != pytest.approx(loss.item(), 1e-3)  # random t
+    with pytest.raises(ValueError, match=r"timestep 1000 must be an integer in \[0, num_train"):
+        el2n(model, images, timestep=1000, **kwargs)
+
+
 def test_snapshot_steps_are_evenly_spaced():
     assert snapshot_steps(6, 3) == [2, 4, 6]
     assert snapshot_steps(7, 3) == [2, 4, 6]
@@ -189,6 +240,9 @@ def test_surrogate_records_losses_at_snapshots_and_scores_read_them(tmp_path):
     )  # fmt: skip
     assert meta["snapshot_steps"] == [2, 4, 6]
     assert sorted(p.name for p in (tmp_path / "sur" / "snapshots").iterdir()) == [
+        "ema_step_0000002.pt",
+        "ema_step_0000004.pt",
+        "ema_step_0000006.pt",
         "step_0000002.pt",
         "step_0000004.pt",
         "step_0000006.pt",
@@ -206,18 +260,55 @@ def test_surrogate_records_losses_at_snapshots_and_scores_read_them(tmp_path):
     common = {"surrogate_dir": tmp_path / "sur", "images": images, "device": "cpu"}
     scores, info = compute_scores("forgetting", **common, progress=False)
     np.testing.assert_array_equal(scores, forgetting(losses))
-    scores, info = compute_scores("el2n", **common, seed=0, progress=False)
+    scores, info = compute_scores("el2n", **common, cfg=RAW_RANDOM, seed=0, progress=False)
     np.testing.assert_allclose(scores, losses[-1], rtol=1e-5)
     assert info["seconds"] == pytest.approx(info["surrogate_seconds"] + info["scoring_seconds"])
     assert info["gpu_seconds"] == 0.0
-    scores, _ = compute_scores("grand", **common, batch_size=4, progress=False)
+    scores, _ = compute_scores("grand", **common, cfg=RAW_RANDOM, batch_size=4, progress=False)
     final = load_snapshot(tmp_path / "sur")
     np.testing.assert_allclose(scores, grand_loop(final, images, cfg=cfg, progress=False), 1e-5)
+
+    # Defaults: EMA weights at timestep 15. The last EMA snapshot (step 6 = the last step) is the
+    # EMA model that train() wrote, so score that one by hand.
+    ema, _, _ = load_model(tmp_path / "sur" / "model")
+    assert not all(
+        torch.equal(p, q) for p, q in zip(ema.parameters(), final.parameters(), strict=True)
+    )
+    scores, info = compute_scores("el2n", **common, progress=False)
+    assert (info["params"]["weights"], info["params"]["timestep"]) == ("ema", 15)
+    at_15 = {"cfg": cfg, "timestep": 15, "progress": False}
+    np.testing.assert_allclose(scores, el2n(ema, images, **at_15), rtol=1e-6)
+    assert not np.allclose(scores, el2n(final, images, **at_15), rtol=1e-3)
+    raw, _ = compute_scores("el2n", **common, cfg={"weights": "raw"}, progress=False)
+    np.testing.assert_allclose(raw, el2n(final, images, **at_15), rtol=1e-6)
+    scores, _ = compute_scores("grand", **common, batch_size=4, progress=False)
+    np.testing.assert_allclose(scores, grand_loop(ema, images, **at_15), rtol=1e-5)
 
     with pytest.raises(DataError, match="not the ones the surrogate"):
         compute_scores("el2n", **{**common, "images": images[:-1]}, progress=False)
     with pytest.raises(ValueError, match="unknown score 'loss'"):
         compute_scores("loss", **common)
+    with pytest.raises(ValueError, match=r"scores\.weights = 'swa'"):
+        compute_scores("el2n", **common, cfg={"weights": "swa"})
+
+
+def test_more_snapshots_break_forgetting_ties(tmp_path):
+    # A high learning rate, so that losses go up and down within a few steps as in a long run.
+    cfg, images = tiny_cfg(steps=40, lr=1e-2), tiny_images(24)
+    train_surrogate(
+        images, cfg=cfg, seed=0, out_dir=tmp_path / "sur", checkpoint_dir=tmp_path / "ckpt",
+        num_snapshots=20, record_losses=True, progress=False,
+    )  # fmt: skip
+    losses = np.load(tmp_path / "sur" / "losses.npy")
+    # The run is deterministic, so 5 snapshots of it would have recorded exactly these rows.
+    five = losses[[step // 2 - 1 for step in snapshot_steps(40, 5)]]
+
+    def distinct_and_largest_tie(records):
+        _, counts = np.unique(forgetting(records), return_counts=True)
+        return counts.size, counts.max()
+
+    (distinct_20, tie_20), (distinct_5, tie_5) = map(distinct_and_largest_tie, (losses, five))
+    assert distinct_5 <= 5 < distinct_20 and tie_20 < tie_5
 
 
 def test_moso_surrogates_score_each_sample_in_its_own_subset(tmp_path):
