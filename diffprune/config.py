@@ -72,6 +72,14 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             f"scores.names = {scores['names']!r} lacks {', '.join(missing)}, which study.methods "
             f"needs; add it so that DVC computes it too"
         )
+    problems += _snapshot_problems(scores)
+    # 1000: diffusion.DEFAULTS, not imported so that loading the config does not load torch.
+    timesteps = params["train"].get("num_train_timesteps", 1000)
+    if scores.get("timestep") is not None and scores["timestep"] >= timesteps:
+        problems.append(
+            f"scores.timestep = {scores['timestep']}: must be < train.num_train_timesteps "
+            f"({timesteps}), or null for a random timestep per sample"
+        )
     surrogates = {"moso" if name == "moso" else "full" for name in scores["names"]}
     if surrogates != set(scores["surrogates"]):
         problems.append(
@@ -94,6 +102,15 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             "give the path of clean-fid's inception-2015-12-05.pt (no downloads here)"
         )
     return problems
+
+
+def _snapshot_problems(scores: dict[str, Any]) -> list[str]:
+    """Snapshots are taken every steps // snapshots steps, so there can be at most one per step."""
+    return [
+        f"scores.{snapshots} = {scores[snapshots]}: must be <= scores.{steps} ({scores[steps]})"
+        for snapshots, steps in (("num_snapshots", "steps"), ("moso_snapshots", "moso_steps"))
+        if scores[snapshots] > scores[steps]
+    ]
 
 
 def _describe(error: jsonschema.ValidationError) -> str:

@@ -36,6 +36,8 @@ def error_of(p) -> str:
 
 def test_default_params_are_valid():
     validate_params(DEFAULT)
+    validate_params(params(scores__timestep=None, scores__weights="raw"))
+    validate_params(params(scores__timestep=DELETE, scores__weights=DELETE))  # code defaults
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,21 @@ def test_default_params_are_valid():
         (
             {"scores__names": ["moso"], "scores__surrogates": ["full"]},
             "scores.surrogates = ['full'] does not match scores.names ['moso']; it must be",
+        ),
+        ({"scores__timestep": 1000}, "scores.timestep = 1000: must be < train.num_train_timesteps"),
+        (
+            {"scores__timestep": 15, "train__num_train_timesteps": 10},
+            "scores.timestep = 15: must be < train.num_train_timesteps (10), or null",
+        ),
+        ({"scores__timestep": -1}, "scores.timestep = -1: must be null or an integer >= 0"),
+        ({"scores__weights": "swa"}, "scores.weights = 'swa' is not allowed; allowed: ema, raw"),
+        (
+            {"scores__num_snapshots": 301},
+            "scores.num_snapshots = 301: must be <= scores.steps (300)",
+        ),
+        (
+            {"scores__moso_snapshots": 151},
+            "scores.moso_snapshots = 151: must be <= scores.moso_steps",
         ),
     ],
 )
