@@ -243,11 +243,12 @@ def train_surrogate(
 ) -> dict:
     """Train one diffusion model on `images` (uint8 NHWC) and keep `num_snapshots` snapshots.
 
-    `cfg` is a train config (params["train"], possibly with fewer steps). Snapshots and loss records
-    are first written to checkpoint_dir/snapshots (which survives a failed job, like train()'s
-    resumable checkpoints) and then copied into out_dir, so a resumed run still has the snapshots
-    taken before the interruption. With `record_losses` the loss of EVERY sample is recorded at
-    every snapshot, under the fixed per-sample draws of `seed` (forgetting scores need >= 2).
+    `cfg` is a train config (params["train"], possibly with fewer steps). Snapshots (raw and EMA
+    weights) and loss records are first written to checkpoint_dir/snapshots (which survives a
+    failed job, like train()'s resumable checkpoints) and then copied into out_dir, so a resumed
+    run still has the snapshots taken before the interruption. With `record_losses` the loss of
+    EVERY sample under the raw weights is recorded at every snapshot, under the fixed per-sample
+    draws of `seed` (forgetting scores need >= 2).
     Returns the surrogate.json record.
     """
     steps = snapshot_steps(int(cfg["steps"]), num_snapshots)
