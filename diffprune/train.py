@@ -11,6 +11,12 @@ image content, process count) are written atomically to ``checkpoint_dir/latest.
 resumes from it when the key matches, else it starts over and logs why. The checkpoint is deleted
 once the final model is written (``keep_checkpoint=True`` keeps it).
 
+Divergence: without a host sync every step, the mean loss is checked at every log step (where it
+is synced anyway) and the model and EMA weights before every checkpoint (the last step always
+writes one, so this covers the final model too). A non-finite value raises ``TrainingDiverged``
+naming the step and the last good checkpoint, which is kept: a checkpoint or model with
+non-finite weights is never written.
+
 Output: the EMA weights in diffusers' pipeline layout (``model_index.json``, ``unet/``,
 ``scheduler/``; a DDPM model loads with ``diffusers.DDPMPipeline.from_pretrained``), plus
 ``train.json`` (cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...), written
@@ -29,8 +35,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -59,7 +67,7 @@ from diffprune.diffusion import (
     resolve_config,
     scheduler_class,
 )
-from diffprune.errors import ConfigError, DataError
+from diffprune.errors import ConfigError, DataError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +95,7 @@ def train(
     `on_snapshot(step, model)` is called with the (unwrapped, training-mode) model after every
     `snapshot_every`-th step, before that step's checkpoint is written, so a crash inside it is
     retried on resume. It must leave the model's weights and mode as it found them.
-    Returns the train.json summary.
+    Returns the train.json summary. Raises `TrainingDiverged` on a non-finite loss or weights.
     """
     start_time = time.perf_counter()
     cfg = resolve_config(cfg)
@@ -121,7 +129,7 @@ def train(
     key = _run_key(cfg, seed=seed, images=images, num_processes=world)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT
     state = _load_checkpoint(checkpoint, key)
-    first_step, history, past_seconds = 0, [], 0.0
+    first_step, history, past_seconds, last_good = 0, [], 0.0, None
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -130,7 +138,7 @@ def train(
             accelerator.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         first_step, history = state["step"], [tuple(row) for row in state["history"]]
-        past_seconds = state["wall_seconds"]
+        past_seconds, last_good = state["wall_seconds"], state["step"]
         log.info("resuming from %s at step %d", checkpoint, first_step)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -169,6 +177,13 @@ def train(
             count += 1
             if step % cfg["log_every"] == 0 or step == cfg["steps"]:
                 mean_loss = accelerator.reduce(running / count, reduction="mean").item()
+                if not math.isfinite(mean_loss):
+                    raise _diverged(
+                        step,
+                        f"mean loss {mean_loss} since step {step - count}",
+                        last_good=last_good,
+                        checkpoint=checkpoint,
+                    )
                 running.zero_()
                 count = 0
                 history.append((step, mean_loss))
@@ -179,6 +194,14 @@ def train(
             if on_snapshot is not None and snapshot_every and step % snapshot_every == 0 and main:
                 on_snapshot(step, accelerator.unwrap_model(model))
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+                # every process checks its own copy (identical weights), so all raise together
+                if not _all_finite(accelerator.unwrap_model(model), ema):
+                    raise _diverged(
+                        step,
+                        "non-finite model or EMA weights",
+                        last_good=last_good,
+                        checkpoint=checkpoint,
+                    )
                 if main:
                     _save_checkpoint(
                         checkpoint,
@@ -191,6 +214,7 @@ def train(
                         history=history,
                         wall_seconds=past_seconds + time.perf_counter() - start_time,
                     )
+                last_good = step
                 accelerator.wait_for_everyone()
     loop_seconds = time.perf_counter() - loop_start
 
@@ -303,6 +327,24 @@ def _ema_decay(cfg: dict, step: int) -> float:
     weights fade quickly, which matters for short runs (a 0.995 EMA over 400 steps would
     otherwise still carry the untrained start)."""
     return min(cfg["ema_decay"], (1 + step) / (10 + step))
+
+
+def _diverged(step: int, what: str, *, last_good: int | None, checkpoint: Path) -> TrainingDiverged:
+    kept = (
+        f"the last good checkpoint (step {last_good}) is kept at {checkpoint}"
+        if last_good is not None
+        else "no checkpoint was written before it"
+    )
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; {kept}", step=step, last_good_step=last_good
+    )
+
+
+@torch.no_grad()
+def _all_finite(*modules: torch.nn.Module) -> bool:
+    """One host sync for all parameters and buffers of `modules`."""
+    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @torch.no_grad()
