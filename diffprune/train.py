@@ -19,8 +19,9 @@ non-finite weights is never written.
 
 Output: the EMA weights in diffusers' pipeline layout (``model_index.json``, ``unet/``,
 ``scheduler/``; a DDPM model loads with ``diffusers.DDPMPipeline.from_pretrained``), plus
-``train.json`` (cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...), written
-atomically as one folder. ``load_model`` reads it back.
+``train.json`` (status "ok", cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...),
+written atomically as one folder. ``load_model`` reads it back, and refuses a failed run's folder
+(``diffprune.status.write_failed_model``).
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
 calls ``train()`` runs data-parallel when started with
@@ -68,11 +69,11 @@ from diffprune.diffusion import (
     scheduler_class,
 )
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from diffprune.status import OK, SUMMARY, model_failure
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "latest.pt"
-SUMMARY = "train.json"
 # Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint.
 RESUME_NEUTRAL = ("checkpoint_every", "log_every")
 
@@ -220,6 +221,7 @@ def train(
 
     # Final EMA weights and summary.
     summary = {
+        "status": OK,
         "cfg": cfg,
         "seed": seed,
         "n_images": n_images,
@@ -274,6 +276,9 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict
         raise DataError(
             f"{model_dir} is not a trained model folder (no {SUMMARY}); run train first"
         )
+    reason = model_failure(model_dir)
+    if reason is not None:
+        raise DataError(f"{model_dir} holds no model: its training run failed: {reason}")
     cfg = resolve_config(io.load_json(model_dir / SUMMARY)["cfg"])
     spec = MODELS[cfg["model"]]
     model = spec.cls.from_pretrained(model_dir, subfolder=spec.subfolder)

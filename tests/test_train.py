@@ -9,6 +9,7 @@ from diffusers import DDPMPipeline
 from diffprune import io
 from diffprune.diffusion import build_model, build_scheduler, draw, per_sample_loss
 from diffprune.errors import DataError, TrainingDiverged
+from diffprune.status import write_failed_model
 from diffprune.train import CHECKPOINT, load_model, save_model, train
 
 TINY = {
@@ -124,6 +125,7 @@ def test_training_reduces_loss_on_constant_images(tmp_path, objective):
     record = io.load_json(tmp_path / "model" / "train.json")
     assert record == {**summary, "cfg": saved_cfg}
     assert record["n_images"] == 10 and record["steps"] == 60 and record["seed"] == 0
+    assert record["status"] == "ok"
     assert record["device"] == "cpu" and record["mixed_precision"] == "no"
     assert record["wall_seconds"] > 0 and record["resumed_from_step"] == 0
     curve = pd.read_csv(tmp_path / "live" / "plots" / "metrics" / "loss.tsv", sep="\t")
@@ -289,3 +291,21 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path):
         run(tmp_path, "x", snapshot_every=1, on_snapshot=poison_at(1))
     assert (err.value.step, err.value.last_good_step) == (2, None)
     assert not (tmp_path / "x" / "ckpt" / CHECKPOINT).exists()
+
+
+def test_failed_model_folder_records_the_failure_and_does_not_load(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "stale.txt").write_text("old")
+    write_failed_model(
+        tmp_path / "m", reason="training diverged at step 5", cfg=TINY, seed=2, step=5
+    )
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["train.json"]
+    record = io.load_json(tmp_path / "m" / "train.json")
+    assert record.keys() == {
+        "status", "failure", "cfg", "seed", "steps", "failed_at_step", "code_version"
+    }  # fmt: skip
+    assert record["status"] == "failed" and record["failure"] == "training diverged at step 5"
+    assert (record["seed"], record["steps"], record["failed_at_step"]) == (2, 6, 5)
+    assert record["cfg"]["lr"] == TINY["lr"] and record["cfg"]["attention"] is False
+    with pytest.raises(DataError, match="failed: training diverged at step 5"):
+        load_model(tmp_path / "m")
