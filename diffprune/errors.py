@@ -21,3 +21,7 @@ class TrainingDiverged(DiffpruneError):
         super().__init__(message)
         self.step = step
         self.last_good_step = last_good_step
+
+
+class SamplingFailed(DiffpruneError):
+    """Sampling from a model folder produced non-finite values."""
