@@ -11,3 +11,17 @@ class ConfigError(DiffpruneError):
 
 class DataError(DiffpruneError):
     """An input file or image is missing, corrupt or of the wrong shape."""
+
+
+class TrainingDiverged(DiffpruneError):
+    """Training produced a non-finite loss or weights; the message names the step and the last
+    good checkpoint, which is kept."""
+
+    def __init__(self, message: str, *, step: int, last_good_step: int | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.last_good_step = last_good_step
+
+
+class SamplingFailed(DiffpruneError):
+    """Sampling from a model folder produced non-finite values."""

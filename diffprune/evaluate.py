@@ -3,18 +3,23 @@
 Real images are first brought to the generative model's resolution (the same antialiased resize
 that training uses), so that generated and real images differ only in what the model learnt.
 Every metric is computed in each configured feature space and named `<metric>_<space>`.
+
+A failed run (failed training, or samples that `check_samples` refuses) gets no metric at all:
+its metrics JSON has the run's identity keys, "status": "failed" and the reason, so no number of
+a broken model can pass for a result.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from diffprune import classifier as cnn
+from diffprune import status
 from diffprune.data import to_model_input, to_uint8
 from diffprune.features import FEATURE_LABELS, FeatureExtractor, extract
 from diffprune.metrics import (
@@ -32,6 +37,11 @@ from diffprune.metrics import (
 
 log = logging.getLogger(__name__)
 
+# Samples whose mean per-pixel std across samples is below this share of their value range are
+# "all the same image"; only the first IDENTICAL_CHECK_SAMPLES are compared (bounded memory).
+IDENTICAL_TOLERANCE = 1e-3
+IDENTICAL_CHECK_SAMPLES = 256
+
 
 def metric_key(feature: str) -> str:
     """Feature-space suffix of metric names: `fd_classifier`, `fd_efficientnet_lite0`, ..."""
@@ -46,6 +56,66 @@ def at_resolution(images: np.ndarray, resolution: int, *, batch_size: int = 4096
             for i in range(0, len(images), batch_size)
         ]
     )
+
+
+def check_samples(samples: np.ndarray) -> str | None:
+    """Why `samples` (N, H, W, C) cannot be evaluated, or None: empty, non-finite (float input),
+    constant (every pixel the same value, e.g. all zeros) or all samples (nearly) identical."""
+    samples = np.asarray(samples)
+    if samples.size == 0:
+        return f"no samples: empty array of shape {samples.shape}"
+    if np.issubdtype(samples.dtype, np.floating):
+        bad = samples.size - np.count_nonzero(np.isfinite(samples))
+        if bad:
+            return f"{bad} of {samples.size} sample values are not finite"
+    low, high = float(samples.min()), float(samples.max())
+    if low == high:
+        return f"every pixel of every sample is {samples.flat[0]} (constant images)"
+    first = samples[:IDENTICAL_CHECK_SAMPLES]
+    spread = float(first.std(axis=0, dtype=np.float64).mean())
+    if len(first) > 1 and spread <= IDENTICAL_TOLERANCE * (high - low):
+        return f"all samples are (nearly) identical: mean per-pixel std {spread:.3g} across them"
+    return None
+
+
+def run_failure(training: Mapping[str, Any], samples: np.ndarray) -> str | None:
+    """Why a run has no metrics (its train.json record says it failed, or its samples are bad)."""
+    failure = status.failure(training)
+    if failure is not None:
+        return f"training failed: {failure}"
+    reason = check_samples(samples)
+    return None if reason is None else f"bad samples: {reason}"
+
+
+def metrics_record(
+    *,
+    selection: Mapping[str, Any],
+    training: Mapping[str, Any],
+    samples: np.ndarray,
+    compute_metrics: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """One run's metrics JSON: its identity keys, then "status": "ok" and `compute_metrics()`, or
+    "status": "failed" and "failure" (why) without calling it.
+
+    `selection` is the manifest's meta JSON, `training` the model's train.json record.
+    """
+    record = {
+        "run": selection["run"],
+        "method": selection["method"],
+        "ratio": selection["ratio"],
+        "seed": selection["seed"],
+        "n_total": selection["n_total"],
+        "n_kept": selection["n_kept"],
+        "kept_fraction": selection["kept_fraction"],
+        "selection_seconds": selection["compute"]["total_seconds"],
+        "train_seconds": training.get("wall_seconds"),  # None when training failed
+        "train_steps": training["steps"],
+    }
+    reason = run_failure(training, samples)
+    if reason is not None:
+        log.error("run %s seed %s has no metrics: %s", record["run"], record["seed"], reason)
+        return {**record, "status": status.FAILED, "failure": reason}
+    return {**record, "status": status.OK, **compute_metrics()}
 
 
 def evaluate_samples(

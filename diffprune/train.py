@@ -11,10 +11,17 @@ image content, process count) are written atomically to ``checkpoint_dir/latest.
 resumes from it when the key matches, else it starts over and logs why. The checkpoint is deleted
 once the final model is written (``keep_checkpoint=True`` keeps it).
 
+Divergence: without a host sync every step, the mean loss is checked at every log step (where it
+is synced anyway) and the model and EMA weights before every checkpoint (the last step always
+writes one, so this covers the final model too). A non-finite value raises ``TrainingDiverged``
+naming the step and the last good checkpoint, which is kept: a checkpoint or model with
+non-finite weights is never written.
+
 Output: the EMA weights in diffusers' pipeline layout (``model_index.json``, ``unet/``,
 ``scheduler/``; a DDPM model loads with ``diffusers.DDPMPipeline.from_pretrained``), plus
-``train.json`` (cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...), written
-atomically as one folder. ``load_model`` reads it back.
+``train.json`` (status "ok", cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...),
+written atomically as one folder. ``load_model`` reads it back, and refuses a failed run's folder
+(``diffprune.status.write_failed_model``).
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
 calls ``train()`` runs data-parallel when started with
@@ -29,8 +36,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -59,12 +68,12 @@ from diffprune.diffusion import (
     resolve_config,
     scheduler_class,
 )
-from diffprune.errors import ConfigError, DataError
+from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from diffprune.status import OK, SUMMARY, model_failure
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "latest.pt"
-SUMMARY = "train.json"
 # Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint.
 RESUME_NEUTRAL = ("checkpoint_every", "log_every")
 
@@ -88,7 +97,7 @@ def train(
     model (eval mode, updated for that step) after every `snapshot_every`-th step, before that
     step's checkpoint is written, so a crash inside it is retried on resume. It must leave both
     models' weights and modes as it found them.
-    Returns the train.json summary.
+    Returns the train.json summary. Raises `TrainingDiverged` on a non-finite loss or weights.
     """
     start_time = time.perf_counter()
     cfg = resolve_config(cfg)
@@ -122,7 +131,7 @@ def train(
     key = _run_key(cfg, seed=seed, images=images, num_processes=world)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT
     state = _load_checkpoint(checkpoint, key)
-    first_step, history, past_seconds = 0, [], 0.0
+    first_step, history, past_seconds, last_good = 0, [], 0.0, None
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -131,7 +140,7 @@ def train(
             accelerator.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         first_step, history = state["step"], [tuple(row) for row in state["history"]]
-        past_seconds = state["wall_seconds"]
+        past_seconds, last_good = state["wall_seconds"], state["step"]
         log.info("resuming from %s at step %d", checkpoint, first_step)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -170,6 +179,13 @@ def train(
             count += 1
             if step % cfg["log_every"] == 0 or step == cfg["steps"]:
                 mean_loss = accelerator.reduce(running / count, reduction="mean").item()
+                if not math.isfinite(mean_loss):
+                    raise _diverged(
+                        step,
+                        f"mean loss {mean_loss} since step {step - count}",
+                        last_good=last_good,
+                        checkpoint=checkpoint,
+                    )
                 running.zero_()
                 count = 0
                 history.append((step, mean_loss))
@@ -180,6 +196,14 @@ def train(
             if on_snapshot is not None and snapshot_every and step % snapshot_every == 0 and main:
                 on_snapshot(step, accelerator.unwrap_model(model), ema)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+                # every process checks its own copy (identical weights), so all raise together
+                if not _all_finite(accelerator.unwrap_model(model), ema):
+                    raise _diverged(
+                        step,
+                        "non-finite model or EMA weights",
+                        last_good=last_good,
+                        checkpoint=checkpoint,
+                    )
                 if main:
                     _save_checkpoint(
                         checkpoint,
@@ -192,11 +216,13 @@ def train(
                         history=history,
                         wall_seconds=past_seconds + time.perf_counter() - start_time,
                     )
+                last_good = step
                 accelerator.wait_for_everyone()
     loop_seconds = time.perf_counter() - loop_start
 
     # Final EMA weights and summary.
     summary = {
+        "status": OK,
         "cfg": cfg,
         "seed": seed,
         "n_images": n_images,
@@ -251,6 +277,9 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict
         raise DataError(
             f"{model_dir} is not a trained model folder (no {SUMMARY}); run train first"
         )
+    reason = model_failure(model_dir)
+    if reason is not None:
+        raise DataError(f"{model_dir} holds no model: its training run failed: {reason}")
     cfg = resolve_config(io.load_json(model_dir / SUMMARY)["cfg"])
     spec = MODELS[cfg["model"]]
     model = spec.cls.from_pretrained(model_dir, subfolder=spec.subfolder)
@@ -304,6 +333,24 @@ def _ema_decay(cfg: dict, step: int) -> float:
     weights fade quickly, which matters for short runs (a 0.995 EMA over 400 steps would
     otherwise still carry the untrained start)."""
     return min(cfg["ema_decay"], (1 + step) / (10 + step))
+
+
+def _diverged(step: int, what: str, *, last_good: int | None, checkpoint: Path) -> TrainingDiverged:
+    kept = (
+        f"the last good checkpoint (step {last_good}) is kept at {checkpoint}"
+        if last_good is not None
+        else "no checkpoint was written before it"
+    )
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; {kept}", step=step, last_good_step=last_good
+    )
+
+
+@torch.no_grad()
+def _all_finite(*modules: torch.nn.Module) -> bool:
+    """One host sync for all parameters and buffers of `modules`."""
+    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @torch.no_grad()

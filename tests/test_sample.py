@@ -5,8 +5,9 @@ from diffusers import DDIMPipeline, DDIMScheduler
 from PIL import Image
 
 from diffprune.diffusion import build_model, build_scheduler
-from diffprune.errors import DataError
-from diffprune.sample import generate, save_grid
+from diffprune.errors import DataError, SamplingFailed
+from diffprune.sample import generate, save_grid, write_samples
+from diffprune.status import write_failed_model
 from diffprune.train import load_model, save_model
 
 TINY = {
@@ -33,13 +34,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_model(tmp_path_factory, objective):
+SAMPLE = {"num_samples": 5, "steps": 2, "batch_size": 4, "grid_size": 2}
+SAMPLE_ARGS = {k: v for k, v in SAMPLE.items() if k != "grid_size"}
+
+
+def write_model(tmp_path_factory, objective, *, channels=1, nan=False):
     """A random-weight model folder, written and later read by the same code as trained ones."""
     cfg = {**TINY, "objective": objective}
     torch.manual_seed(0)
+    model = build_model(cfg, in_channels=channels)
+    if nan:
+        torch.nn.init.constant_(model.conv_out.bias, float("nan"))
     path = tmp_path_factory.mktemp(objective) / "model"
-    save_model(build_model(cfg, in_channels=1), build_scheduler(cfg), path, cfg=cfg)
+    save_model(model, build_scheduler(cfg), path, cfg=cfg)
     return path
+
+
+def write_outputs(model_dir, tmp_path):
+    """`write_samples` as the sample rule calls it: (reason, samples, grid picture)."""
+    out = {"samples_path": tmp_path / "samples.npy", "grid_path": tmp_path / "grid.png"}
+    reason = write_samples(model_dir, cfg=SAMPLE, seed=0, device="cpu", **out)
+    return reason, np.load(out["samples_path"]), Image.open(out["grid_path"])
+
+
+def assert_failed_grid(picture, channels):
+    """The size of a 2 x 2 grid of 8-pixel images (or wider, for the text), with white text."""
+    assert picture.mode == ("L" if channels == 1 else "RGB")
+    assert picture.height == 2 * (8 + 2) + 2 and picture.width >= 2 * (8 + 2) + 2
+    pixels = np.asarray(picture.convert("L"))
+    assert pixels.max() > 200 and (pixels == 0).mean() > 0.5  # antialiased text
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +127,34 @@ def test_generate_rejects_bad_arguments(model_dir, tmp_path):
         generate(model_dir, num_samples=2, steps=0)
     with pytest.raises(DataError, match="not a trained model folder"):
         generate(tmp_path, num_samples=2)
+
+
+def test_write_samples_writes_samples_and_grid(ddpm_dir, tmp_path):
+    reason, samples, picture = write_outputs(ddpm_dir, tmp_path)
+    expected = generate(ddpm_dir, seed=0, device="cpu", progress=False, **SAMPLE_ARGS)
+    assert reason is None and np.array_equal(samples, expected)
+    assert picture.size == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2)
+
+
+def test_failed_model_gives_empty_samples_and_a_failed_grid(tmp_path, caplog):
+    model_dir = tmp_path / "model"
+    write_failed_model(model_dir, reason="training diverged at step 5", cfg=TINY, seed=0, step=5)
+    with pytest.raises(DataError, match="failed: training diverged at step 5"):
+        generate(model_dir, num_samples=2)
+    reason, samples, picture = write_outputs(model_dir, tmp_path)
+    assert reason == "training failed: training diverged at step 5"
+    assert samples.shape == (0, 8, 8, 1) and samples.dtype == np.uint8
+    assert_failed_grid(picture, channels=1)
+    assert any(r.levelname == "ERROR" and reason in r.getMessage() for r in caplog.records)
+
+
+def test_non_finite_samples_raise_and_give_empty_samples(tmp_path_factory, tmp_path):
+    model_dir = write_model(tmp_path_factory, "ddpm", channels=3, nan=True)
+    with pytest.raises(SamplingFailed, match=f"sampling from {model_dir} gave non-finite values"):
+        generate(model_dir, device="cpu", progress=False, **SAMPLE_ARGS)
+    reason, samples, picture = write_outputs(model_dir, tmp_path)
+    assert "non-finite" in reason and samples.shape == (0, 8, 8, 3)
+    assert_failed_grid(picture, channels=3)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -8,7 +8,8 @@ from diffusers import DDPMPipeline
 
 from diffprune import io
 from diffprune.diffusion import build_model, build_scheduler, draw, per_sample_loss
-from diffprune.errors import DataError
+from diffprune.errors import DataError, TrainingDiverged
+from diffprune.status import write_failed_model
 from diffprune.train import CHECKPOINT, load_model, save_model, train
 
 TINY = {
@@ -73,6 +74,24 @@ def crash_at(crash_step):
     return on_snapshot
 
 
+def poison_at(poison_step):
+    """on_snapshot that sets the training weights to NaN at one step: a simulated divergence."""
+
+    def on_snapshot(step, model):
+        if step == poison_step:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.fill_(float("nan"))
+
+    return on_snapshot
+
+
+def assert_good_checkpoint(path, step):
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == step
+    assert all(torch.isfinite(w).all() for w in [*state["model"].values(), *state["ema"].values()])
+
+
 def mean_loss(model, cfg, x0, seed=123):
     scheduler = build_scheduler(cfg)
     noise, t = draw(x0, scheduler, generator=torch.Generator().manual_seed(seed))
@@ -106,6 +125,7 @@ def test_training_reduces_loss_on_constant_images(tmp_path, objective):
     record = io.load_json(tmp_path / "model" / "train.json")
     assert record == {**summary, "cfg": saved_cfg}
     assert record["n_images"] == 10 and record["steps"] == 60 and record["seed"] == 0
+    assert record["status"] == "ok"
     assert record["device"] == "cpu" and record["mixed_precision"] == "no"
     assert record["wall_seconds"] > 0 and record["resumed_from_step"] == 0
     curve = pd.read_csv(tmp_path / "live" / "plots" / "metrics" / "loss.tsv", sep="\t")
@@ -232,3 +252,60 @@ def test_bad_images_and_missing_model_raise(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="snapshot_every must be >= 1"):
         run(tmp_path, "x", snapshot_every=0)
+
+
+def test_huge_learning_rate_raises_and_writes_no_model(tmp_path):
+    with pytest.raises(
+        TrainingDiverged, match=r"training diverged at step \d+: mean loss nan"
+    ) as err:
+        run(tmp_path, "x", cfg=tiny(lr=1000))
+    assert err.value.step <= 3 and not (tmp_path / "x" / "model").exists()
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged) as err:
+        run(tmp_path, "x", snapshot_every=1, on_snapshot=poison_at(4), log_dir=tmp_path / "log")
+    checkpoint = tmp_path / "x" / "ckpt" / CHECKPOINT
+    assert str(err.value) == (
+        "training diverged at step 5: mean loss nan since step 4; "
+        f"the last good checkpoint (step 3) is kept at {checkpoint}"
+    )
+    assert (err.value.step, err.value.last_good_step) == (5, 3)
+    assert_good_checkpoint(checkpoint, 3)
+    assert not (tmp_path / "x" / "model").exists()
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [CHECKPOINT]  # no temporary
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """Weights that turn NaN after the step's loss was logged are caught before the checkpoint."""
+    cfg = tiny(checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match="at step 4: non-finite model or EMA weights") as err:
+        run(tmp_path, "x", cfg=cfg, snapshot_every=1, on_snapshot=poison_at(4))
+    assert err.value.last_good_step == 2
+    assert_good_checkpoint(tmp_path / "x" / "ckpt" / CHECKPOINT, 2)
+    assert not (tmp_path / "x" / "model").exists()
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written") as err:
+        run(tmp_path, "x", snapshot_every=1, on_snapshot=poison_at(1))
+    assert (err.value.step, err.value.last_good_step) == (2, None)
+    assert not (tmp_path / "x" / "ckpt" / CHECKPOINT).exists()
+
+
+def test_failed_model_folder_records_the_failure_and_does_not_load(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "stale.txt").write_text("old")
+    write_failed_model(
+        tmp_path / "m", reason="training diverged at step 5", cfg=TINY, seed=2, step=5
+    )
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["train.json"]
+    record = io.load_json(tmp_path / "m" / "train.json")
+    assert record.keys() == {
+        "status", "failure", "cfg", "seed", "steps", "failed_at_step", "code_version"
+    }  # fmt: skip
+    assert record["status"] == "failed" and record["failure"] == "training diverged at step 5"
+    assert (record["seed"], record["steps"], record["failed_at_step"]) == (2, 6, 5)
+    assert record["cfg"]["lr"] == TINY["lr"] and record["cfg"]["attention"] is False
+    with pytest.raises(DataError, match="failed: training diverged at step 5"):
+        load_model(tmp_path / "m")

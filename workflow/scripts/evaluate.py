@@ -1,4 +1,7 @@
-"""Snakemake script for rule `evaluate`: one flat metrics JSON per run and seed."""
+"""Snakemake script for rule `evaluate`: one flat metrics JSON per run and seed.
+
+A failed run (failed training or bad samples) gets "status": "failed" and no metric numbers.
+"""
 
 from pathlib import Path
 
@@ -6,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from diffprune import io
-from diffprune.evaluate import class_balance, evaluate_samples
+from diffprune.evaluate import class_balance, evaluate_samples, metrics_record
 from diffprune.features import load_feature_extractor
 from diffprune.logs import setup
 
@@ -14,46 +17,43 @@ setup(snakemake.log[0], threads=snakemake.threads)
 cfg = snakemake.params.evaluate
 inputs = snakemake.input
 features = cfg["features"]
-selection = io.load_json(inputs.manifest_meta)
-training = io.load_json(Path(inputs.model) / "train.json")
 manifest = pd.read_parquet(inputs.manifest, columns=["sample_id", "keep"])
 samples = np.load(inputs.samples)
-extractors = {
-    feature: load_feature_extractor(
-        feature,
-        resolution=snakemake.params.resolution,
-        classifier_path=inputs.get("classifier"),
-        image_size=cfg.get("image_size", 64),
-        inception_weights=cfg.get("inception_weights"),
-        device=cfg.get("device", "auto"),
+
+
+def compute_metrics() -> dict:
+    extractors = {
+        feature: load_feature_extractor(
+            feature,
+            resolution=snakemake.params.resolution,
+            classifier_path=inputs.get("classifier"),
+            image_size=cfg.get("image_size", 64),
+            inception_weights=cfg.get("inception_weights"),
+            device=cfg.get("device", "auto"),
+        )
+        for feature in features
+    }
+    metrics = evaluate_samples(
+        samples,
+        extractors=extractors,
+        test_references=dict(zip(features, inputs.test_references, strict=True)),
+        train_references=dict(zip(features, inputs.train_references, strict=True)),
+        modes=dict(zip(features, inputs.modes, strict=True)),
+        kept_ids=manifest.loc[manifest["keep"], "sample_id"].to_numpy(),
+        batch_size=cfg.get("batch_size", 256),
     )
-    for feature in features
-}
-metrics = evaluate_samples(
-    samples,
-    extractors=extractors,
-    test_references=dict(zip(features, inputs.test_references, strict=True)),
-    train_references=dict(zip(features, inputs.train_references, strict=True)),
-    modes=dict(zip(features, inputs.modes, strict=True)),
-    kept_ids=manifest.loc[manifest["keep"], "sample_id"].to_numpy(),
-    batch_size=cfg.get("batch_size", 256),
-)
-if inputs.get("classifier"):
-    labels = pd.read_parquet(inputs.train_index, columns=["label"])["label"].to_numpy()
-    metrics |= class_balance(samples, classifier_path=inputs.classifier, train_labels=labels)
+    if inputs.get("classifier"):
+        labels = pd.read_parquet(inputs.train_index, columns=["label"])["label"].to_numpy()
+        metrics |= class_balance(samples, classifier_path=inputs.classifier, train_labels=labels)
+    return metrics
+
+
 io.save_json(
     snakemake.output[0],
-    {
-        "run": selection["run"],
-        "method": selection["method"],
-        "ratio": selection["ratio"],
-        "seed": selection["seed"],
-        "n_total": selection["n_total"],
-        "n_kept": selection["n_kept"],
-        "kept_fraction": selection["kept_fraction"],
-        "selection_seconds": selection["compute"]["total_seconds"],
-        "train_seconds": training["wall_seconds"],
-        "train_steps": training["steps"],
-        **metrics,
-    },
+    metrics_record(
+        selection=io.load_json(inputs.manifest_meta),
+        training=io.load_json(Path(inputs.model) / "train.json"),
+        samples=samples,
+        compute_metrics=compute_metrics,
+    ),
 )

@@ -1,18 +1,17 @@
-"""Snakemake script for rule `sample`: generate samples from the EMA weights."""
+"""Snakemake script for rule `sample`: generate samples from the EMA weights.
 
-from diffprune import io
+A failed run gets an empty samples array and a grid that reads FAILED (logged at ERROR).
+"""
+
 from diffprune.logs import setup
-from diffprune.sample import generate, save_grid
+from diffprune.sample import write_samples
 
 setup(snakemake.log[0], threads=snakemake.threads)
-cfg = snakemake.params.sample
-images = generate(
+write_samples(
     snakemake.input.model,
-    num_samples=cfg["num_samples"],
-    steps=cfg["steps"],
-    batch_size=cfg["batch_size"],
+    samples_path=snakemake.output.samples,
+    grid_path=snakemake.output.grid,
+    cfg=snakemake.params.sample,
     seed=int(snakemake.wildcards.seed),
     device=snakemake.params.device,
 )
-io.save_npy(snakemake.output.samples, images)
-save_grid(images[: cfg["grid_size"] ** 2], snakemake.output.grid, nrow=cfg["grid_size"])

@@ -1,21 +1,38 @@
-"""Snakemake script for rule `train`: train a diffusion model on the kept subset."""
+"""Snakemake script for rule `train`: train a diffusion model on the kept subset.
+
+A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
+goes on and the report shows the failure; the last good checkpoint stays for a look.
+"""
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from diffprune.data import load_store
+from diffprune.errors import TrainingDiverged
 from diffprune.logs import setup
+from diffprune.status import write_failed_model
 from diffprune.train import train
 
 setup(snakemake.log[0], threads=snakemake.threads)
 store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
 manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep"])
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
-train(
-    images=np.asarray(store.images[kept]),
-    cfg=dict(snakemake.params.train),
-    seed=int(snakemake.wildcards.seed),
-    out_dir=snakemake.output.model,
-    checkpoint_dir=snakemake.params.checkpoints,
-    log_dir=snakemake.output.log_dir,
-)
+cfg, seed = dict(snakemake.params.train), int(snakemake.wildcards.seed)
+try:
+    train(
+        images=np.asarray(store.images[kept]),
+        cfg=cfg,
+        seed=seed,
+        out_dir=snakemake.output.model,
+        checkpoint_dir=snakemake.params.checkpoints,
+        log_dir=snakemake.output.log_dir,
+    )
+except TrainingDiverged as err:
+    logging.getLogger("train").error(
+        "run %s seed %d failed: %s", snakemake.wildcards.run, seed, err
+    )
+    write_failed_model(snakemake.output.model, reason=str(err), cfg=cfg, seed=seed, step=err.step)
+Path(snakemake.output.log_dir).mkdir(parents=True, exist_ok=True)  # empty if training failed early
