@@ -77,7 +77,7 @@ def crash_at(crash_step):
 def poison_at(poison_step):
     """on_snapshot that sets the training weights to NaN at one step: a simulated divergence."""
 
-    def on_snapshot(step, model):
+    def on_snapshot(step, model, ema):
         if step == poison_step:
             with torch.no_grad():
                 for param in model.parameters():
