@@ -19,7 +19,7 @@ include: "workflow/rules/skew.smk"
 rule all:
     input:
         rules.report.output,
-        rules.skew_report.output if SKEW_RUNS else [],
+        rules.skew_report.output,
 
 
 rule skew:

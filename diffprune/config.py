@@ -44,10 +44,12 @@ def validate_params(params: Any, *, source: str = "params.yaml") -> None:
 
 
 def grid(params: dict[str, Any]) -> list[tuple[Run, int]]:
-    """Every (run, seed) of the study: the baseline, then methods x ratios, each per seed."""
+    """Every (run, seed) of the study: the baseline, the extra runs, then methods x ratios."""
     study = params["study"]
     runs = [Run(FULL)] if study["baseline"] else []
+    runs += [Run.parse(name) for name in study.get("extra_runs", [])]
     runs += [Run(m, float(r)) for m in study["methods"] for r in study["ratios"]]
+    runs = list(dict.fromkeys(runs))  # an extra run may also be a grid point
     return [(run, seed) for run in runs for seed in study["seeds"]]
 
 

@@ -168,13 +168,21 @@ def evaluate_samples(
 def class_balance(
     samples: np.ndarray, *, classifier_path: str | os.PathLike, train_labels: np.ndarray
 ) -> dict[str, Any]:
-    """Shares of the classes the evaluation classifier sees in the samples, against the data's."""
+    """Shares of the classes the evaluation classifier sees in the samples, against the data's.
+
+    `class_share_ratio_min` is the smallest generated/training share ratio over the classes the
+    training data has: 1 when every class is generated at least as often as it is in the data,
+    0 when one is never generated (the baseline quality floor reads it).
+    """
     model = cnn.load_classifier(classifier_path)
     num_classes = int(model.config["num_classes"])
     generated = class_shares(cnn.predict(model, samples), num_classes)
     real = class_shares(np.asarray(train_labels), num_classes)
+    present = real > 0
     return {
         "class_shares": generated.round(6).tolist(),
+        "class_shares_train": real.round(6).tolist(),
         "class_kl": kl_divergence(real, generated),
         "class_share_min": float(generated.min()),
+        "class_share_ratio_min": float((generated[present] / real[present]).min()),
     }

@@ -190,6 +190,11 @@ def report_markdown(root: str | Path = RESULTS) -> Path:
     return Path(root) / "report.md"
 
 
+def claims(ext: str, root: str | Path = RESULTS) -> Path:
+    """The paper's claims judged from the runs (`md` for the README, `csv` for tools)."""
+    return Path(root) / f"claims.{ext}"
+
+
 def summary(root: str | Path = RESULTS) -> Path:
     """One row per run and seed with every metric."""
     return Path(root) / "summary.csv"

@@ -19,16 +19,21 @@ import pandas as pd
 from PIL import Image
 
 from diffprune import io
+from diffprune.claims import Floor, check_floor, claims_markdown, judge_claims
 from diffprune.metrics import kl_divergence
 from diffprune.paths import FULL
 from diffprune.skew import balance
+from diffprune.stats import mean_ci, paired_difference
 
 SUMMARY_COLUMNS = [
-    "run", "method", "ratio", "seed", "n_kept", "n_total", "kept_fraction",
+    "run", "method", "ratio", "seed", "status", "failure", "n_kept", "n_total", "kept_fraction",
     "selection_seconds", "train_seconds", "num_samples", "num_reference",
 ]  # fmt: skip
 # Whether a larger value is better, by metric prefix (for captions).
-HIGHER_IS_BETTER = ("precision", "recall", "vendi", "novelty", "mode_coverage", "class_share_min")
+HIGHER_IS_BETTER = (
+    "precision", "recall", "vendi", "novelty", "mode_coverage", "class_share_min",
+    "class_share_ratio_min",
+)  # fmt: skip
 DESCRIPTIONS = {
     "fd": "Fréchet distance to held-out real images",
     "kid": "kernel inception distance (KID) to held-out real images",
@@ -43,16 +48,19 @@ DESCRIPTIONS = {
     "occupancy_kl": "KL(training mode occupancy || sample mode occupancy)",
     "class_kl": "KL(training class shares || classifier-judged class shares of the samples)",
     "class_share_min": "smallest class share among the samples (classifier-judged)",
+    "class_share_ratio_min": "smallest ratio of a class's generated share to its training share",
 }
 
 
 def collect(metric_files: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """One row per (run, seed) with every flat metric."""
+    """One row per (run, seed) with every flat metric; a failed run has a `failure`, no numbers."""
     rows = []
     for path in metric_files:
         record = io.load_json(path)
         extractors = record.pop("feature_extractors", {})
         record.pop("class_shares", None)
+        record.pop("class_shares_train", None)
+        record.setdefault("status", "ok")
         record.update({f"extractor_{k}": v for k, v in extractors.items()})
         rows.append(record)
     frame = pd.DataFrame(rows)
@@ -62,14 +70,19 @@ def collect(metric_files: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
 
 def table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Rows = method, columns = ratio (plus `full`), cells = mean ± std over seeds (n seeds)."""
+    """Rows = method, columns = ratio (plus `full`), cells = mean ± 95% CI half-width over seeds.
+
+    Each cell names its seed count and, where it is not the nominal 1 - ratio, the kept fraction
+    (cluster-balanced keeps what its smallest cluster allows); failed runs are counted, never
+    averaged.
+    """
     if metric not in frame:
         raise KeyError(f"metric {metric!r} not in the runs' metrics; have: {sorted(frame.columns)}")
     cells: dict[str, dict[str, str]] = {}
     for (method, ratio), group in frame.groupby(["method", "ratio"], dropna=False):
         column = FULL if method == FULL else f"{ratio:g}"
         cells.setdefault("full-data" if method == FULL else method, {})[column] = _cell(
-            group[metric]
+            group, metric, nominal_kept=1.0 if method == FULL else 1 - ratio
         )
     result = pd.DataFrame.from_dict(cells, orient="index")
     ratio_columns = sorted((c for c in result.columns if c != FULL), key=float)
@@ -101,12 +114,19 @@ def caption(frame: pd.DataFrame, metric: str) -> str:
         extractor = frame.get(f"extractor_{space}", pd.Series(["?"])).dropna()
         where = f" in the feature space of {extractor.iloc[0]}"
     seeds = sorted(int(s) for s in frame["seed"].unique())
+    ok = frame[frame["status"] == "ok"] if "status" in frame else frame
+    first = ok.iloc[0] if len(ok) else frame.iloc[0]
     return (
-        f"**{metric}**: {text}{where} ({better}). "
-        f"{int(frame['num_samples'].iloc[0])} generated samples per run against "
-        f"{int(frame['num_reference'].iloc[0])} held-out real images; seeds {seeds}; "
-        f"every run trained for {int(frame['train_steps'].iloc[0])} steps."
+        f"**{metric}**: {text}{where} ({better}). Cells: mean ± half-width of the 95% t-interval "
+        f"over seeds (n = seeds). {_count(first, 'num_samples')} generated samples per run against "
+        f"{_count(first, 'num_reference')} held-out real images; seeds {seeds}; every run trained "
+        f"for {_count(first, 'train_steps')} steps."
     )
+
+
+def _count(row: pd.Series, key: str) -> str:
+    value = row.get(key)
+    return "?" if value is None or pd.isna(value) else str(int(value))
 
 
 def markdown(frame: pd.DataFrame, metric: str) -> str:
@@ -168,25 +188,110 @@ def sample_mosaic(grids: Sequence[tuple[str, str | os.PathLike]], path: str | os
     _save(fig, path)
 
 
+def paired_table(frame: pd.DataFrame, metric: str, *, reference: str = "random") -> pd.DataFrame:
+    """Rows = method, columns = ratio: mean of (method - `reference`) over shared seeds, 95% CI."""
+    ok = frame[frame["status"] == "ok"] if "status" in frame else frame
+    cells: dict[str, dict[str, str]] = {}
+    for (method, ratio), group in ok[ok["method"] != FULL].groupby(["method", "ratio"]):
+        rival = ok[(ok["method"] == reference) & np.isclose(ok["ratio"].astype(float), ratio)]
+        if method == reference or rival.empty:
+            continue
+        diff = paired_difference(group.set_index("seed")[metric], rival.set_index("seed")[metric])
+        cells.setdefault(method, {})[f"{ratio:g}"] = diff.format()
+    result = pd.DataFrame.from_dict(cells, orient="index")
+    result = result[sorted(result.columns, key=float)] if len(result) else result
+    result.index.name = "method"
+    return result.fillna("")
+
+
+def paired_markdown(frame: pd.DataFrame, metric: str, *, reference: str = "random") -> str:
+    tab = paired_table(frame, metric, reference=reference)
+    if tab.empty:
+        return f"No paired comparison with {reference}: the study has no {reference} runs.\n"
+    _, _, better = describe(metric)
+    lines = [
+        f"**{metric}, paired against {reference}**: mean over seeds of (method - {reference}) at "
+        f"the same ratio and seed, ± half-width of its 95% t-interval ({better}; an interval "
+        "that excludes 0 is a difference beyond the seed-to-seed noise).",
+        "",
+        "| method | " + " | ".join(f"removed {c}" for c in tab.columns) + " |",
+        "|---" * (len(tab.columns) + 1) + "|",
+    ]
+    lines += [f"| {idx} | " + " | ".join(row) + " |" for idx, row in tab.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def claims_caption(frame: pd.DataFrame, metric: str, floor: Floor) -> str:
+    """Scale, seeds and feature space behind the claims table, and the baseline floor."""
+    _, space, _ = describe(metric)
+    extractor = ""
+    if space is not None and f"extractor_{space}" in frame:
+        extractor = f", feature space {frame[f'extractor_{space}'].dropna().iloc[0]}"
+    ok = frame[frame["status"] == "ok"] if "status" in frame else frame
+    first = ok.iloc[0] if len(ok) else frame.iloc[0]
+    seeds = sorted(int(s) for s in frame["seed"].unique())
+    return (
+        f"Claims of the paper, judged at this study's scale: {_count(first, 'n_total')} training "
+        f"images, every model trained {_count(first, 'train_steps')} steps, "
+        f"{_count(first, 'num_samples')} samples per run, seeds {seeds}{extractor}. Effect = "
+        "mean paired difference over seeds [95% t-interval]; a verdict needs the whole interval "
+        "on one side of the claim's threshold, so one seed is always inconclusive. " + floor.text
+    )
+
+
 def write_report(
     metric_files: Sequence[str | os.PathLike],
     *,
     metrics: Sequence[str],
     headline: str,
+    floor: dict,
+    claims: dict,
+    skew_csv: str | os.PathLike | None,
     sample_grids: Sequence[tuple[str, str | os.PathLike]],
     tables_dir: str | os.PathLike,
     plots_dir: str | os.PathLike,
     report_md: str | os.PathLike,
+    claims_md: str | os.PathLike,
+    claims_csv: str | os.PathLike,
     summary_csv: str | os.PathLike,
     mosaic_png: str | os.PathLike,
 ) -> pd.DataFrame:
+    """Every table, plot and the claims; `floor` and `claims` are params report.floor/.claims."""
     frame = collect(metric_files)
+    failures = frame[frame["status"] != "ok"]
     metrics = [m for m in dict.fromkeys([headline, *metrics]) if m in frame]
-    sections = []
+    quality = check_floor(frame, **floor)
+    skew = pd.read_csv(skew_csv) if skew_csv is not None else None
+    verdicts = judge_claims(
+        frame,
+        metric=headline,
+        higher_is_better=describe(headline)[2].startswith("higher"),
+        skew=skew,
+        **claims,
+    )
+    claims_text = claims_markdown(verdicts, caption=claims_caption(frame, headline, quality))
+    with io.atomic_path(claims_csv) as tmp:
+        verdicts.to_csv(tmp, index=False, float_format="%.6g")
+    with io.atomic_path(claims_md) as tmp:
+        tmp.write_text(claims_text)
+    warning = (
+        ""
+        if quality.passed is not False
+        else (
+            "> **Warning:** the full-data baseline is below the quality floor (see the top of the "
+            "report): this table does not compare data quality.\n\n"
+        )
+    )
+    sections = [quality.text + "\n", claims_text]
+    if len(failures):
+        listed = "; ".join(f"{r.run} seed {r.seed}: {r.failure}" for r in failures.itertuples())
+        sections.append(f"Failed runs (shown as failed, never as numbers): {listed}\n")
+    if headline in frame:
+        sections.append(warning + paired_markdown(frame, headline))
     for metric in metrics:
         with io.atomic_path(Path(tables_dir) / f"{metric}.csv") as tmp:
             table(frame, metric).to_csv(tmp)
-        text = markdown(frame, metric)
+        text = warning + markdown(frame, metric)
         with io.atomic_path(Path(tables_dir) / f"{metric}.md") as tmp:
             tmp.write_text(text)
         plot_metric(frame, metric, Path(plots_dir) / f"{metric}.png")
@@ -210,13 +315,18 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def _cell(values: pd.Series) -> str:
-    values = values.dropna()
-    if len(values) == 0:
-        return ""
-    if len(values) == 1:
-        return f"{values.iloc[0]:.4g}"
-    return f"{values.mean():.4g} ± {values.std():.2g} ({len(values)})"
+def _cell(group: pd.DataFrame, metric: str, *, nominal_kept: float) -> str:
+    ok = group[group["status"] == "ok"] if "status" in group else group
+    failed = len(group) - len(ok)
+    if ok.empty:
+        return f"failed ({failed} of {len(group)})" if failed else ""
+    text = mean_ci(ok[metric]).format()
+    kept = ok["kept_fraction"].mean() if "kept_fraction" in ok else nominal_kept
+    if abs(kept - nominal_kept) > 0.005:
+        text += f", kept {kept:.2f}"
+    if failed:
+        text += f", {failed} failed"
+    return text
 
 
 def skew_frame(
@@ -237,7 +347,8 @@ def skew_frame(
             num_classes=num_classes,
             minority_classes=minority_classes,
         )
-        generated = np.asarray(metrics["class_shares"])
+        failed = metrics.get("status", "ok") != "ok"  # no samples: shown as failed, not as 0
+        generated = np.full(num_classes, np.nan) if failed else np.asarray(metrics["class_shares"])
         uniform = np.full(num_classes, 1 / num_classes)
         rows.append({
             "arm": metrics["run"].removeprefix("skew-"),
@@ -246,9 +357,9 @@ def skew_frame(
             "train_minority_share": kept["minority_share"],
             "train_kl_to_uniform": kept["kl_to_uniform"],
             "generated_minority_share": float(generated[list(minority_classes)].sum()),
-            "generated_kl_to_uniform": kl_divergence(uniform, generated),
-            "fd_classifier": metrics.get("fd_classifier"),
-            "num_samples": metrics["num_samples"],
+            "generated_kl_to_uniform": np.nan if failed else kl_divergence(uniform, generated),
+            "fd_classifier": metrics.get("fd_classifier", np.nan),
+            "num_samples": metrics.get("num_samples", np.nan),
             "train_shares": kept["shares"],
             "generated_shares": generated.tolist(),
         })  # fmt: skip
@@ -267,6 +378,8 @@ def write_skew_report(
     plot_png: str | os.PathLike,
 ) -> pd.DataFrame:
     labels = pd.read_parquet(index, columns=["label"])["label"].to_numpy()
+    if not metric_files:
+        return _write_skew_off(table_csv=table_csv, table_md=table_md, plot_png=plot_png)
     frame = skew_frame(
         metric_files, manifest_files, labels=labels, minority_classes=minority_classes
     )
@@ -276,7 +389,8 @@ def write_skew_report(
     target = 1 / (int(labels.max()) + 1) * len(minority_classes)
     lines = [
         f"Minority classes {list(minority_classes)} (balanced target share {target:.3f}); "
-        f"generated shares judged by the evaluation classifier on {int(frame['num_samples'][0])} "
+        "generated shares judged by the evaluation classifier on "
+        f"{int(frame['num_samples'].max()) if frame['num_samples'].notna().any() else 0} "
         "samples per run; KL is KL(uniform || shares); every arm trained for the same steps.",
         "",
         "| arm | seed | training images | minority share (train) | KL (train) "
@@ -285,13 +399,37 @@ def write_skew_report(
     ]
     lines += [
         f"| {r.arm} | {r.seed} | {r.n_train} | {r.train_minority_share:.3f} "
-        f"| {r.train_kl_to_uniform:.3f} | {r.generated_minority_share:.3f} "
-        f"| {r.generated_kl_to_uniform:.3f} | {r.fd_classifier:.3f} |"
+        f"| {r.train_kl_to_uniform:.3f} | {_or_failed(r.generated_minority_share)} "
+        f"| {_or_failed(r.generated_kl_to_uniform)} | {_or_failed(r.fd_classifier)} |"
         for r in frame.itertuples()
     ]
     with io.atomic_path(table_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     _plot_shares(frame, class_names, plot_png)
+    return frame
+
+
+def _or_failed(value: float) -> str:
+    return "failed" if pd.isna(value) else f"{value:.3f}"
+
+
+SKEW_COLUMNS = [
+    "arm", "seed", "n_train", "train_minority_share", "train_kl_to_uniform",
+    "generated_minority_share", "generated_kl_to_uniform", "fd_classifier", "num_samples",
+]  # fmt: skip
+
+
+def _write_skew_off(*, table_csv, table_md, plot_png) -> pd.DataFrame:
+    """With `skew.arms: []` the study is off: say so in every output instead of failing."""
+    frame = pd.DataFrame(columns=SKEW_COLUMNS)
+    with io.atomic_path(table_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    with io.atomic_path(table_md) as tmp:
+        tmp.write_text("The fairness study is off in this profile (`skew.arms: []`).\n")
+    fig, ax = plt.subplots(figsize=(4, 1.5), dpi=100)
+    ax.axis("off")
+    ax.text(0.5, 0.5, "fairness study off (skew.arms: [])", ha="center", va="center")
+    _save(fig, plot_png)
     return frame
 
 

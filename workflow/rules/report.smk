@@ -3,6 +3,7 @@ rule report:
     input:
         metrics=[paths.metrics(run, seed) for run, seed in GRID],
         grids=[paths.sample_grid(run, seed) for run, seed in GRID],
+        skew=paths.skew_table("csv"),
     output:
         tables=[paths.report_table(m, "csv", REPORT) for m in report_metrics()]
         + [paths.report_table(m, "md", REPORT) for m in report_metrics()],
@@ -21,6 +22,8 @@ rule report:
             paths.sample_mosaic(REPORT), caption="../report/samples.rst", category="Samples"
         ),
         markdown=paths.report_markdown(REPORT),
+        claims_md=paths.claims("md", REPORT),
+        claims_csv=paths.claims("csv", REPORT),
         summary=paths.summary(REPORT),
     params:
         study=config["study"],
