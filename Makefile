@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps run study-scores test lint bench dvc-repro help
+.PHONY: setup data-deps run study-evidence study-gpu test lint bench dvc-repro help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -39,8 +39,12 @@ run: setup  ## run the default study (Snakemake), then record it in DVC without 
 	$(BIN)/dvc commit --force --quiet
 	$(BIN)/snakemake --cores all --touch --quiet
 
-study-scores: setup  ## the score-based methods (EL2N, GraNd, forgetting, MoSo) against clustering
-	$(BIN)/snakemake --cores all --configfile workflow/studies/scores.yaml
+study-evidence: setup  ## every cluster rule, random and the score methods at two ratios, 3 seeds (CPU)
+	$(BIN)/snakemake --cores all --configfile workflow/studies/evidence.yaml
+
+study-gpu: setup  ## the evidence grid with 5 seeds and longer training on one GPU
+	$(BIN)/snakemake --cores all --resources gpu=8 \
+		--configfile workflow/studies/evidence.yaml workflow/studies/gpu.yaml
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q

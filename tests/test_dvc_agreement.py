@@ -14,10 +14,15 @@ SNAKEMAKE_ONLY = ("logs/",)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    # Every kind of rule: cluster and score methods (both surrogates), two seeds.
+    # Every kind of rule: cluster and score methods (both surrogates), an extra run, two seeds.
     methods = ["random", "cluster-furthest", "el2n", "grand-inverse", "forgetting", "moso-mid"]
     params = tiny_params(
-        study={**tiny_params()["study"], "methods": methods, "seeds": [0, 1]},
+        study={
+            **tiny_params()["study"],
+            "methods": methods,
+            "seeds": [0, 1],
+            "extra_runs": ["cluster-balanced_r0.0"],
+        },
         scores={
             **tiny_params()["scores"],
             "names": ["el2n", "grand", "forgetting", "moso"],

@@ -65,19 +65,30 @@ def test_study_outputs_hold_what_the_params_asked_for(study):
 
     table = pd.read_csv(study / paths.report_table("fd_classifier", "csv"), index_col="method")
     assert set(table.index) == {"full-data", "random", "cluster-furthest", "cluster-balanced"}
-    assert list(table.columns) == ["full", "0.5"]
-    assert table.loc["random", "0.5"] == pytest.approx(
-        metrics_of(study, "random_r0.5")["fd_classifier"], rel=1e-3
-    )
+    assert list(table.columns) == ["full", "0", "0.5"]
+    fds = [metrics_of(study, "random_r0.5", seed)["fd_classifier"] for seed in (0, 1)]
+    assert table.loc["random", "0.5"].startswith(f"{np.mean(fds):.4g} ± ")
+    assert table.loc["random", "0.5"].endswith("(n=2)")
+    # the paper's balanced rule (p = 0): m = the smallest cluster from every cluster
+    paper_rule = pd.read_parquet(study / paths.manifest("cluster-balanced_r0.0", 0))
+    sizes = paper_rule.groupby("cluster").size()
+    assert (paper_rule[paper_rule["keep"]].groupby("cluster").size() == sizes.min()).all()
+    assert "kept" in table.loc["cluster-balanced", "0"]  # kept k*m/N, not 1 - 0
     for plot in ("fd_classifier", "recall_classifier", "cost"):
         assert (study / paths.report_plot(plot)).stat().st_size > 1000
-    assert "generated samples per run" in (study / paths.report_markdown()).read_text()
+    report = (study / paths.report_markdown()).read_text()
+    assert "generated samples per run" in report and report.startswith("Baseline quality floor")
+    claims = pd.read_csv(study / paths.claims("csv"))
+    assert set(claims["claim"]) == {"C1", "C2", "C3", "C4"}
+    assert set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive", "not run"}
+    c4 = claims[claims["claim"] == "C4"].iloc[0]
+    assert c4["verdict"] == "not run"  # the tiny study's fairness arms have no random arm
 
 
 def test_skew_study_rebalances_and_reports(study):
     skew = pd.read_csv(study / paths.skew_table("csv"))
-    assert list(skew["arm"]) == ["cluster-balanced", "label-balanced"]
-    label_balanced = skew.set_index("arm").loc["label-balanced"]
+    assert list(skew.query("seed == 0")["arm"]) == ["cluster-balanced", "label-balanced"]
+    label_balanced = skew.query("seed == 0").set_index("arm").loc["label-balanced"]
     # 60 skewed images, 2 per minority class; the oracle keeps 30 // 10 = 3 per class, at most 2
     assert label_balanced["n_train"] == 7 * 3 + 3 * 2
     assert label_balanced["train_minority_share"] == pytest.approx(6 / 27)
@@ -139,7 +150,7 @@ def test_changing_one_ratio_reruns_only_that_ratio(study, tmp_path):
         "cluster-furthest_r0.75",
         "cluster-balanced_r0.75",
     }
-    assert len(per_run) == 3 * 4
+    assert len(per_run) == 3 * 2 * 4  # three methods, two seeds, four rules
 
 
 def test_dvc_records_a_snakemake_run_without_recomputing(study):

@@ -20,7 +20,12 @@ TINY = {
     "data": {"train_size": 120, "test_size": 60},
     "embed": {"image_size": 32, "batch_size": 64},
     "cluster": {"k": 3, "iterations": 10},
-    "study": {"methods": ["random", "cluster-furthest", "cluster-balanced"], "ratios": [0.5]},
+    "study": {
+        "methods": ["random", "cluster-furthest", "cluster-balanced"],
+        "ratios": [0.5],
+        "seeds": [0, 1],
+        "extra_runs": ["cluster-balanced_r0.0"],
+    },
     "train": {
         "resolution": 8,
         "block_channels": [8, 16],
