@@ -36,7 +36,12 @@ class Floor:
     """Whether the full-data baseline is good enough to judge the other runs by."""
 
     passed: bool | None  # None: not checked (no baseline, or no classifier to judge classes)
-    text: str
+    text: str  # the rule and every seed's numbers
+
+    @property
+    def status(self) -> str:
+        """One phrase for captions: passed, FAILED or not checked."""
+        return {True: "passed", False: "FAILED", None: "not checked"}[self.passed]
 
 
 def check_floor(frame: pd.DataFrame, *, max_class_kl: float, min_share_ratio: float) -> Floor:
@@ -65,7 +70,7 @@ def check_floor(frame: pd.DataFrame, *, max_class_kl: float, min_share_ratio: fl
         )
         ok = bool(kl <= max_class_kl and ratio >= min_share_ratio)  # NaN (failed run) fails
         passed &= ok
-        rows.append(f"seed {row.seed}: KL {kl:.3f}, smallest class/training share {ratio:.2f} "
+        rows.append(f"seed {row.seed}: KL {kl:.3f}, smallest generated/training share {ratio:.2f} "
                     f"{'pass' if ok else 'FAIL'}")  # fmt: skip
     verdict = "PASSES" if passed else "FAILS"
     text = f"Baseline quality floor ({rule}): the full-data model {verdict}; " + "; ".join(rows)
@@ -122,6 +127,10 @@ def _row(
     return dict(zip(CLAIM_COLUMNS, (*values, verdict), strict=True))
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
 def judge_claims(
     frame: pd.DataFrame,
     *,
@@ -165,7 +174,7 @@ def judge_claims(
                 _by_seed(frame, method, ratio, "selection_seconds"),
                 _by_seed(frame, rival, ratio, "selection_seconds"),
             )
-            note = "" if math.isnan(cost) else f"selection compute {cost:.3g}x {rival}'s"
+            note = "" if math.isnan(cost) else f"selection compute {_times(cost)} {rival}'s"
             statement = f"clustering beats {rival} at equal training steps ({metric})"
             verdict = _verdict(_oriented(diff, sign))
             rows.append(_row("C2", statement, f"{method} - {rival}", ratio, diff, verdict, note))
