@@ -235,7 +235,8 @@ def claims_caption(frame: pd.DataFrame, metric: str, floor: Floor) -> str:
         f"images, every model trained {_count(first, 'train_steps')} steps, "
         f"{_count(first, 'num_samples')} samples per run, seeds {seeds}{extractor}. Effect = "
         "mean paired difference over seeds [95% t-interval]; a verdict needs the whole interval "
-        "on one side of the claim's threshold, so one seed is always inconclusive. " + floor.text
+        "on one side of the claim's threshold, so one seed is always inconclusive. Baseline "
+        f"quality floor: {floor.status} (the top of report.md has each seed's check)."
     )
 
 
