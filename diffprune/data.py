@@ -332,9 +332,14 @@ def load_huggingface(
     channels: int = 3,
     label_column: str | None = None,
     image_column: str | None = None,
+    revision: str | None = None,
     progress: bool = True,
 ) -> LoadedImages:
-    """A Hugging Face dataset split through `datasets.load_dataset` (needs the `hub` extra)."""
+    """A Hugging Face dataset split (needs the `hub` extra).
+
+    `name` is a hub id (`datasets.load_dataset`, pinned to `revision` when given) or a local folder
+    written by `save_to_disk` (`datasets.load_from_disk`): the offline copy of a hub dataset.
+    """
     _check_channels(channels)
     try:
         import datasets
@@ -343,11 +348,12 @@ def load_huggingface(
             "Hugging Face sources need the `datasets` package: pip install diffprune[hub]"
         ) from e
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = _open_huggingface(datasets, name, split, revision=revision)
     except Exception as e:  # datasets raises many types (network, missing split, auth)
         raise DataError(
             f"cannot load Hugging Face dataset {name!r} split {split!r} "
-            f"({type(e).__name__}: {e}); offline? use source imagefolder with a local copy"
+            f"({type(e).__name__}: {e}); offline? point data.hf_name at a local copy "
+            "(save_to_disk) or use source imagefolder"
         ) from e
     return images_from_rows(
         dataset,
@@ -358,6 +364,18 @@ def load_huggingface(
         image_column=image_column,
         progress=progress,
     )
+
+
+def _open_huggingface(datasets: Any, name: str, split: str, *, revision: str | None) -> Any:
+    local = Path(name)
+    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(local))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise KeyError(f"no split {split!r}; the folder has {sorted(loaded)}")
+            return loaded[split]
+        return loaded
+    return datasets.load_dataset(name, split=split, revision=revision)
 
 
 def images_from_rows(
@@ -500,6 +518,7 @@ def build_store(
     channels: int | None = None,
     hf_name: str | None = None,
     hf_split: str | None = None,
+    hf_revision: str | None = None,
     label_column: str | None = None,
     test_fraction: float = 0.1,
     cache_dir="data/raw",
@@ -555,6 +574,7 @@ def build_store(
             image_size=image_size,
             channels=channels or 3,
             label_column=label_column,
+            revision=hf_revision,
             progress=progress,
         )
         dataset_name = hf_name
@@ -597,6 +617,7 @@ def build_store(
                 "channels": channels,
                 "hf_name": hf_name,
                 "hf_split": hf_split,
+                "hf_revision": hf_revision,
                 "label_column": label_column,
                 "test_fraction": test_fraction if holdout else None,
             },

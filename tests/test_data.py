@@ -399,3 +399,31 @@ def test_store_index_frame_types(tmp_path):
     )  # fmt: skip
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
     assert index.to_dict("list") == {"sample_id": [0], "label": [-1], "source": ["train/c.png"]}
+
+
+def test_huggingface_source_reads_a_labelled_dataset_saved_to_disk(tmp_path):
+    """The offline stand-in for a hub dataset: the Hugging Face format, labels included."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 12), ("validation", 4)):
+        pixels = rng.integers(0, 256, (n, 10, 10, 3), dtype=np.uint8)
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(p) for p in pixels], "label": list(range(n))},
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=n)}
+            ),
+        )
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "hf")
+    meta = data.build_store(
+        tmp_path / "store", source="huggingface", split="test", hf_name=str(tmp_path / "hf"),
+        hf_split="validation", label_column="label", image_size=8, progress=False,
+    )  # fmt: skip
+    store = data.load_store(tmp_path / "store")
+    assert (
+        store.images.shape == (4, 8, 8, 3)
+        and meta["provenance"]["params"]["hf_split"] == "validation"
+    )
+    assert store.index["label"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(DataError, match="no split 'test'"):
+        data.load_huggingface(str(tmp_path / "hf"), "test", image_size=8, progress=False)

@@ -20,6 +20,7 @@ build_store(
     image_size=data["image_size"],
     hf_name=data.get("hf_name"),
     hf_split=data.get("hf_test_split") if split == "test" else None,
+    hf_revision=data.get("hf_revision"),
     label_column=data.get("hf_label_column"),
     test_fraction=data.get("test_fraction", 0.1),
 )
