@@ -75,6 +75,7 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             f"needs; add it so that DVC computes it too"
         )
     problems += _snapshot_problems(scores)
+    problems += _model_problems(params["train"], params["sample"])
     # 1000: diffusion.DEFAULTS, not imported so that loading the config does not load torch.
     timesteps = params["train"].get("num_train_timesteps", 1000)
     if scores.get("timestep") is not None and scores["timestep"] >= timesteps:
@@ -102,6 +103,34 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
         problems.append(
             "evaluate.features includes 'inception' but evaluate.inception_weights = null: "
             "give the path of clean-fid's inception-2015-12-05.pt (no downloads here)"
+        )
+    return problems
+
+
+def _model_problems(train: dict[str, Any], sample: dict[str, Any]) -> list[str]:
+    """DiT's keys and class conditioning (defaults as in diffusion.DEFAULTS)."""
+    problems = []
+    conditional = train.get("conditional", False)
+    if conditional and train["model"] != "dit":
+        problems.append(
+            f"train.conditional = true: needs train.model dit (the {train['model']} is "
+            "unconditional)"
+        )
+    if train["model"] == "dit" and train.get("dit_size", "S/2") == "custom":
+        dit = train.get("dit")
+        if dit is None:
+            problems.append(
+                "train.dit = null: train.dit_size custom needs {depth, width, heads, patch}"
+            )
+        elif dit["width"] % dit["heads"]:
+            problems.append(
+                f"train.dit.width = {dit['width']}: must be divisible by train.dit.heads "
+                f"({dit['heads']})"
+            )
+    if sample.get("guidance_scale", 1.0) != 1 and not conditional:
+        problems.append(
+            f"sample.guidance_scale = {sample['guidance_scale']}: guidance needs a conditional "
+            "model (train.conditional: true); 1 is off"
         )
     return problems
 

@@ -1,9 +1,16 @@
 """Generate images from a trained model folder, and write a PNG mosaic of them.
 
+One entry point, `generate`, for every model of the registry (UNet, DiT), in pixel or latent space.
 DDPM models sample with DDIM (eta 0, deterministic given the initial noise); flow-matching models
 with Euler steps on the ODE dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on a uniform grid.
-All initial noise is drawn at once from a CPU generator seeded with `seed`, so the samples do not
-depend on the device's RNG or on `batch_size`.
+All initial noise is drawn at once from a CPU generator seeded with `seed`, and then, for a
+class-conditional model, the samples' class labels (uniform over the classes) from the same
+generator, so the samples do not depend on the device's RNG or on `batch_size`.
+
+Classifier-free guidance (conditional models, ``guidance_scale`` s != 1, the paper's 4.0 on
+ImageNet): the prediction is ``uncond + s * (cond - uncond)``, from one forward pass of the batch
+with its labels and with the null label, as DiT's ``forward_with_cfg``. A latent model's samples
+are divided by the scale factor recorded in its train.json and decoded by its autoencoder.
 
 A failed run (a failed model folder, or samples with non-finite values) gets no samples:
 `write_samples` writes an empty array and a grid that reads FAILED, so the workflow goes on and
@@ -16,7 +23,10 @@ import itertools
 import logging
 import math
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +37,8 @@ from tqdm.auto import tqdm
 from diffprune import io
 from diffprune.data import to_uint8
 from diffprune.device import resolve_device
-from diffprune.diffusion import MODELS, resolve_config
-from diffprune.errors import SamplingFailed
+from diffprune.diffusion import MODELS, null_label, resolve_config
+from diffprune.errors import ConfigError, SamplingFailed
 from diffprune.status import SUMMARY, model_failure
 from diffprune.train import load_model
 
@@ -45,35 +55,50 @@ def generate(
     batch_size: int = 256,
     seed: int = 0,
     device: str = "auto",
+    guidance_scale: float = 1.0,
+    class_labels: np.ndarray | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """`num_samples` images as uint8 (N, H, W, C) from the EMA weights in `model_dir`.
 
+    A conditional model samples `class_labels` (int, (num_samples,)) if given, else seeded
+    uniform labels; `guidance_scale` != 1 needs a conditional model (1: no guidance).
     Raises `SamplingFailed` when the model gives non-finite values (checked before the uint8
-    conversion, which would clamp them to valid-looking pixels).
+    conversion or decoding, which would turn them into valid-looking pixels).
     """
     for name, value in (("num_samples", num_samples), ("steps", steps), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     model, scheduler, cfg = load_model(model_dir)
+    latent = io.load_json(Path(model_dir) / SUMMARY).get("latent")
     device = resolve_device(device)
     model.to(device)
     size = model.config.sample_size
     shape = (num_samples, model.config.in_channels, size, size)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=generator)
+    labels = _sample_labels(
+        model, cfg, num_samples, class_labels, guidance_scale=guidance_scale, generator=generator
+    )
     denoise = _ddim if cfg["objective"] == "ddpm" else _euler
+    to_images = _image_decoder(latent, batch_size=batch_size, device=device)
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress):
         x = noise[start : start + batch_size].to(device)
+        batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+        predict = partial(_predict, model, class_labels=batch_labels, guidance_scale=guidance_scale)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x = denoise(model, scheduler, x, steps=steps).float().cpu()
+            x = denoise(predict, scheduler, x, steps=steps).float().cpu()
         if not torch.isfinite(x).all():
             raise SamplingFailed(
                 f"sampling from {model_dir} gave non-finite values (samples {start} to "
                 f"{start + len(x) - 1}); the model's weights or its training are broken"
             )
-        out.append(to_uint8(x))
-    log.info("%d samples from %s (%s, %d steps)", num_samples, model_dir, cfg["objective"], steps)
+        out.append(to_images(x))
+    log.info(
+        "%d samples from %s (%s, %d steps, guidance %g%s)", num_samples, model_dir,
+        cfg["objective"], steps, guidance_scale, ", decoded" if latent else "",
+    )  # fmt: skip
     return np.concatenate(out)
 
 
@@ -88,7 +113,8 @@ def write_samples(
 ) -> str | None:
     """Write samples (.npy) and their grid (PNG) from `model_dir`, as the `sample` rule does.
 
-    `cfg` is params["sample"] (num_samples, steps, batch_size, grid_size). A failed model folder
+    `cfg` is params["sample"] (num_samples, steps, batch_size, grid_size, and optionally
+    guidance_scale, default 1). A failed model folder
     or a `SamplingFailed` gives an empty samples array and a FAILED grid instead; returns why,
     or None when sampling succeeded.
     """
@@ -103,6 +129,7 @@ def write_samples(
                 batch_size=cfg["batch_size"],
                 seed=seed,
                 device=device,
+                guidance_scale=cfg.get("guidance_scale", 1.0),
             )
         except SamplingFailed as err:
             reason = str(err)
@@ -119,30 +146,104 @@ def write_samples(
 
 def empty_samples(model_dir: str | os.PathLike) -> np.ndarray:
     """uint8 (0, H, W, C): H = W the trained resolution, C the network's input channels (1 when
-    the folder holds no network, as a failed run's does not)."""
-    cfg = resolve_config(io.load_json(Path(model_dir) / SUMMARY)["cfg"])
+    the folder holds no network, as a failed run's does not; 3 for a latent model, whose
+    autoencoder decodes RGB)."""
+    summary = io.load_json(Path(model_dir) / SUMMARY)
+    cfg = resolve_config(summary["cfg"])
     config = Path(model_dir) / MODELS[cfg["model"]].subfolder / "config.json"
     channels = io.load_json(config)["in_channels"] if config.is_file() else 1
+    if summary.get("latent") is not None:
+        channels = 3
     return np.zeros((0, cfg["resolution"], cfg["resolution"], channels), dtype=np.uint8)
 
 
+def _sample_labels(
+    model: torch.nn.Module,
+    cfg: dict,
+    num_samples: int,
+    class_labels: np.ndarray | None,
+    *,
+    guidance_scale: float,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    """The samples' class labels: None for a UNet, the null label for an unconditional DiT,
+    `class_labels` or seeded uniform ones for a conditional DiT."""
+    if not cfg["conditional"]:
+        if class_labels is not None or guidance_scale != 1:
+            raise ConfigError(
+                f"class labels and guidance (sample.guidance_scale = {guidance_scale}) need a "
+                "conditional model (train.conditional: true)"
+            )
+        takes_labels = MODELS[cfg["model"]].class_labels
+        return torch.full((num_samples,), null_label(model)) if takes_labels else None
+    num_classes = null_label(model)
+    if class_labels is None:
+        return torch.randint(0, num_classes, (num_samples,), generator=generator)
+    labels = torch.as_tensor(np.asarray(class_labels), dtype=torch.int64)
+    if labels.shape != (num_samples,) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"class_labels must be {num_samples} labels in [0, {num_classes}), got "
+            f"{tuple(labels.shape)} in [{labels.min()}, {labels.max()}]"
+        )
+    return labels
+
+
+def _predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    class_labels: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The model's prediction (noise or velocity) at the 0-dim time `t` for the batch `x`, with
+    classifier-free guidance when `guidance_scale` != 1: one forward pass of [x with its labels,
+    x with the null label]."""
+    t = t.to(x.device).expand(len(x))
+    if class_labels is None:
+        return model(x, t).sample
+    if guidance_scale == 1:
+        return model(x, t, class_labels=class_labels).sample
+    null = torch.full_like(class_labels, null_label(model))
+    both = model(
+        torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null])
+    ).sample.float()
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
-def _ddim(model, scheduler, x: torch.Tensor, *, steps: int) -> torch.Tensor:
+def _ddim(predict: Callable, scheduler, x: torch.Tensor, *, steps: int) -> torch.Tensor:
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
     for t in ddim.timesteps:
-        eps = model(x, t).sample
+        eps = predict(x, t)
         x = ddim.step(eps.float(), t, x, eta=0.0).prev_sample
     return x
 
 
 @torch.no_grad()
-def _euler(model, scheduler, x: torch.Tensor, *, steps: int) -> torch.Tensor:
+def _euler(predict: Callable, scheduler, x: torch.Tensor, *, steps: int) -> torch.Tensor:
     times = torch.linspace(0.0, 1.0, steps + 1, device=x.device)
     for t, t_next in itertools.pairwise(times):
-        velocity = model(x, scheduler.timestep_input(t)).sample
+        velocity = predict(x, scheduler.timestep_input(t))
         x = x + (t_next - t) * velocity.float()
     return x
+
+
+def _image_decoder(
+    latent: dict[str, Any] | None, *, batch_size: int, device: torch.device
+) -> Callable[[torch.Tensor], np.ndarray]:
+    """Sampled float (N, C, h, w) -> uint8 images (N, H, W, C): `to_uint8` in pixel space; for a
+    latent model, divided by its scale factor and decoded by its autoencoder (loaded once)."""
+    if latent is None:
+        return to_uint8
+    # imported on use: pixel-space sampling needs no autoencoder code
+    from diffprune.autoencoder import decode_to_uint8, load_autoencoder
+
+    autoencoder = load_autoencoder(latent["autoencoder"])
+    scale = latent["scale_factor"]
+    return lambda z: decode_to_uint8(autoencoder, z / scale, batch_size=batch_size, device=device)
 
 
 def save_grid(images_uint8_nhwc: np.ndarray, path: str | os.PathLike, *, nrow: int = 8) -> None:

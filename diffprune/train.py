@@ -2,14 +2,24 @@
 
 Every run takes the same number of optimiser steps (``cfg["steps"]``, the paper's rule), whatever
 the subset size. Each step draws ``batch_size`` images uniformly WITH replacement from the subset
-(no epochs), plus noise and timesteps, all from a CPU generator seeded by (seed, process, step):
-a step's batch depends on nothing else, which makes resuming exact without saving sampler state.
+(no epochs), plus noise and timesteps, and for a DiT the label dropout, all from a CPU generator
+seeded by (seed, process, step): a step's batch depends on nothing else, which makes resuming
+exact without saving sampler state.
+
+Inputs: uint8 ``images`` (pixel space, resized to train.resolution), or float ``latents`` (N, C, h,
+w) that an autoencoder made and the caller already multiplied by its scale factor; then ``latent``
+(``{"autoencoder": source, "scale_factor": s}``) goes into train.json, so that sampling can decode.
+Class labels: a DiT always gets one per sample; with ``cfg["conditional"]`` it is the row's label
+from ``labels`` (``num_classes`` classes), replaced by the null label ``num_classes`` with
+probability ``cfg["label_dropout"]`` (classifier-free guidance training); without it, always the
+null label (a table of no classes).
 
 Checkpoints: every ``checkpoint_every`` steps (and at the last step) the model, EMA, optimizer,
-step, torch RNG states, loss history and the run key (hash of the config, seed, image count and
-image content, process count) are written atomically to ``checkpoint_dir/latest.pt``. A new call
-resumes from it when the key matches, else it starts over and logs why. The checkpoint is deleted
-once the final model is written (``keep_checkpoint=True`` keeps it).
+step, torch RNG states, loss history and the run key (hash of the config, seed, image count,
+image or latent content, labels, process count) are written atomically to
+``checkpoint_dir/latest.pt``. A new call resumes from it when the key matches, else it starts over
+and logs why. The checkpoint is deleted once the final model is written (``keep_checkpoint=True``
+keeps it).
 
 Divergence: without a host sync every step, the mean loss is checked at every log step (where it
 is synced anyway) and the model and EMA weights before every checkpoint (the last step always
@@ -17,9 +27,10 @@ writes one, so this covers the final model too). A non-finite value raises ``Tra
 naming the step and the last good checkpoint, which is kept: a checkpoint or model with
 non-finite weights is never written.
 
-Output: the EMA weights in diffusers' pipeline layout (``model_index.json``, ``unet/``,
-``scheduler/``; a DDPM model loads with ``diffusers.DDPMPipeline.from_pretrained``), plus
-``train.json`` (status "ok", cfg, seed, n_images, steps, wall_seconds, final_loss, device, ...),
+Output: the EMA weights in diffusers' pipeline layout (``unet/`` or ``transformer/``,
+``scheduler/``; a DDPM UNet also gets ``model_index.json`` and loads with
+``diffusers.DDPMPipeline.from_pretrained``), plus ``train.json`` (status "ok", cfg, seed, n_images,
+steps, wall_seconds, final_loss, device, num_classes, latent, ...),
 written atomically as one folder. ``load_model`` reads it back, and refuses a failed run's folder
 (``diffprune.status.write_failed_model``).
 
@@ -63,6 +74,7 @@ from diffprune.diffusion import (
     MODELS,
     build_model,
     build_scheduler,
+    disable_label_dropout,
     draw,
     per_sample_loss,
     resolve_config,
@@ -80,7 +92,11 @@ RESUME_NEUTRAL = ("checkpoint_every", "log_every")
 
 def train(
     *,
-    images: np.ndarray,
+    images: np.ndarray | None = None,
+    latents: np.ndarray | None = None,
+    latent: dict[str, Any] | None = None,
+    labels: np.ndarray | None = None,
+    num_classes: int | None = None,
     cfg: dict,
     seed: int,
     out_dir: str | os.PathLike,
@@ -91,7 +107,11 @@ def train(
     progress: bool = True,
     keep_checkpoint: bool = False,
 ) -> dict:
-    """Train on `images` (uint8 NHWC, the KEPT subset only) and write the EMA model to `out_dir`.
+    """Train on `images` (uint8 NHWC) or `latents` (float (N, C, h, w), scaled, with their
+    `latent` record), the KEPT subset only, and write the EMA model to `out_dir`.
+
+    A conditional DiT (cfg["conditional"]) needs `labels` (int, aligned with the rows) and
+    `num_classes` (of the whole data set, not only of the kept rows); otherwise both are ignored.
 
     `on_snapshot(step, model, ema)` is called with the (unwrapped, training-mode) model and the EMA
     model (eval mode, updated for that step) after every `snapshot_every`-th step, before that
@@ -101,7 +121,11 @@ def train(
     """
     start_time = time.perf_counter()
     cfg = resolve_config(cfg)
-    _check_images(images)
+    source, source_name = _source(images, latents, latent)
+    if cfg["conditional"]:
+        _check_labels(labels, num_classes, len(source))
+    else:
+        labels, num_classes = None, None
     if snapshot_every is not None and snapshot_every < 1:
         raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
 
@@ -115,12 +139,20 @@ def train(
     local_batch = cfg["batch_size"] // world
     set_seed(seed)  # python, numpy and torch global RNGs: model initialisation
 
-    # Data: the whole kept subset as model input on the device, once.
-    data = to_model_input(images, cfg["resolution"]).to(device)
+    # Data: the whole kept subset as model input on the device, once; labels stay on the CPU.
+    if latents is None:
+        data = to_model_input(images, cfg["resolution"]).to(device)
+    else:
+        data = torch.from_numpy(np.array(latents, dtype=np.float32)).to(device)
     n_images = data.shape[0]
+    label_table = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+    takes_labels = MODELS[cfg["model"]].class_labels
+    null = num_classes or 0  # the null label's index: the number of classes
 
     # Model, EMA, optimizer.
-    model = build_model(cfg, in_channels=data.shape[1]).to(device)
+    model = build_model(
+        cfg, in_channels=data.shape[1], sample_size=data.shape[-1], num_classes=null
+    ).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     scheduler = build_scheduler(cfg)
     optimizer = torch.optim.AdamW(
@@ -128,7 +160,15 @@ def train(
     )
 
     # Resume from the latest checkpoint when it belongs to this run.
-    key = _run_key(cfg, seed=seed, images=images, num_processes=world)
+    key = _run_key(
+        cfg,
+        seed=seed,
+        data=source,
+        data_name=source_name,
+        labels=labels,
+        num_classes=num_classes,
+        num_processes=world,
+    )
     checkpoint = Path(checkpoint_dir) / CHECKPOINT
     state = _load_checkpoint(checkpoint, key)
     first_step, history, past_seconds, last_good = 0, [], 0.0, None
@@ -167,8 +207,19 @@ def train(
             rows = torch.randint(0, n_images, (local_batch,), generator=generator)
             x0 = data[rows.to(device)]
             noise, timesteps = draw(x0, scheduler, generator=generator)
+            class_labels = None
+            if takes_labels:
+                class_labels = _batch_labels(
+                    label_table, rows, null=null, dropout=cfg["label_dropout"], generator=generator
+                ).to(device)
             loss = per_sample_loss(
-                model, scheduler, x0, noise=noise, timesteps=timesteps, objective=cfg["objective"]
+                model,
+                scheduler,
+                x0,
+                noise=noise,
+                timesteps=timesteps,
+                objective=cfg["objective"],
+                class_labels=class_labels,
             ).mean()
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -226,7 +277,10 @@ def train(
         "cfg": cfg,
         "seed": seed,
         "n_images": n_images,
-        "images_sha256": key["images_sha256"],
+        f"{source_name}_sha256": key[f"{source_name}_sha256"],
+        "num_classes": num_classes,
+        "labels_sha256": key["labels_sha256"],
+        "latent": latent,
         "steps": cfg["steps"],
         "resumed_from_step": first_step,
         "steps_per_second": (cfg["steps"] - first_step) / loop_seconds if loop_seconds else None,
@@ -282,16 +336,67 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict
         raise DataError(f"{model_dir} holds no model: its training run failed: {reason}")
     cfg = resolve_config(io.load_json(model_dir / SUMMARY)["cfg"])
     spec = MODELS[cfg["model"]]
-    model = spec.cls.from_pretrained(model_dir, subfolder=spec.subfolder)
+    model = disable_label_dropout(spec.cls.from_pretrained(model_dir, subfolder=spec.subfolder))
     scheduler = scheduler_class(cfg["objective"]).from_pretrained(model_dir, subfolder="scheduler")
     return model.eval(), scheduler, cfg
 
 
-def _check_images(images: np.ndarray) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
-        raise DataError(
-            f"train needs uint8 images (N,H,W,C) with N >= 1, got {images.dtype}{images.shape}"
+def _source(
+    images: np.ndarray | None, latents: np.ndarray | None, latent: dict[str, Any] | None
+) -> tuple[np.ndarray, str]:
+    """The array the run trains on, checked, and its name ("images" or "latents")."""
+    if (images is None) == (latents is None):
+        raise ValueError("train needs exactly one of images and latents")
+    if (latents is None) != (latent is None):
+        raise ValueError(
+            "latents need their latent record (autoencoder, scale_factor), and only they"
         )
+    if images is not None:
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+            raise DataError(
+                f"train needs uint8 images (N,H,W,C) with N >= 1, got {images.dtype}{images.shape}"
+            )
+        return images, "images"
+    n, _, h, w = latents.shape if latents.ndim == 4 else (0, 0, 0, 0)
+    if not np.issubdtype(latents.dtype, np.floating) or n == 0 or h != w:
+        raise DataError(
+            f"train needs float latents (N,C,h,w) with N >= 1 and h = w, got "
+            f"{latents.dtype}{latents.shape}"
+        )
+    missing = {"autoencoder", "scale_factor"} - latent.keys()
+    if missing:
+        raise ValueError(f"the latent record lacks {sorted(missing)}")
+    return latents, "latents"
+
+
+def _check_labels(labels: np.ndarray | None, num_classes: int | None, n: int) -> None:
+    if labels is None or num_classes is None:
+        raise ConfigError("train.conditional needs the rows' labels and num_classes")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"labels must be integers, one per row ({n}), got {labels.dtype}{labels.shape}"
+        )
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(
+            f"labels must be in [0, num_classes={num_classes}), got {labels.min()}..{labels.max()}"
+        )
+
+
+def _batch_labels(
+    labels: torch.Tensor | None,
+    rows: torch.Tensor,
+    *,
+    null: int,
+    dropout: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The class label of each drawn row, replaced by the `null` label with probability `dropout`
+    (classifier-free guidance training); all `null` for an unconditional DiT (`labels` None)."""
+    if labels is None:
+        return torch.full_like(rows, null)
+    dropped = torch.rand(rows.shape, generator=generator) < dropout
+    return torch.where(dropped, null, labels[rows])
 
 
 def _accelerator(cfg: dict) -> Accelerator:
@@ -307,19 +412,35 @@ def _accelerator(cfg: dict) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
-def _run_key(cfg: dict, *, seed: int, images: np.ndarray, num_processes: int) -> dict:
-    """What a checkpoint must match to be resumed."""
+def _run_key(
+    cfg: dict,
+    *,
+    seed: int,
+    data: np.ndarray,
+    data_name: str,
+    labels: np.ndarray | None,
+    num_classes: int | None,
+    num_processes: int,
+) -> dict:
+    """What a checkpoint must match to be resumed. `data_name` names the hash: images_sha256 or
+    latents_sha256; labels_sha256 and num_classes are None for an unconditional model."""
     relevant = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL}
     cfg_text = json.dumps(relevant, sort_keys=True)
-    images_hash = hashlib.sha256(f"{images.shape}".encode())
-    images_hash.update(np.ascontiguousarray(images).data)
     return {
         "cfg_sha256": hashlib.sha256(cfg_text.encode()).hexdigest(),
         "seed": seed,
-        "n_images": len(images),
-        "images_sha256": images_hash.hexdigest(),
+        "n_images": len(data),
+        f"{data_name}_sha256": _sha256(data),
+        "labels_sha256": None if labels is None else _sha256(np.asarray(labels, dtype=np.int64)),
+        "num_classes": num_classes,
         "num_processes": num_processes,
     }
+
+
+def _sha256(array: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:

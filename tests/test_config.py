@@ -36,6 +36,14 @@ def error_of(p) -> str:
 
 def test_default_params_are_valid():
     validate_params(DEFAULT)
+    assert DEFAULT["train"]["model"] == "unet2d" and not DEFAULT["train"]["conditional"]
+    assert DEFAULT["sample"]["guidance_scale"] == 1.0
+    dit = {"model": "dit", "dit_size": "custom", "dit": {"depth": 2, "width": 32, "heads": 2}}
+    dit["dit"]["patch"] = 2
+    conditional = {f"train__{k}": v for k, v in {**dit, "conditional": True}.items()}
+    validate_params(params(**conditional, sample__guidance_scale=4.0))
+    validate_params(params(train__model="dit", train__block_channels=DELETE))  # not needed
+    validate_params(params(train__dit_size=DELETE, train__conditional=DELETE))  # code defaults
     validate_params(params(scores__timestep=None, scores__weights="raw"))
     validate_params(params(scores__timestep=DELETE, scores__weights=DELETE))  # code defaults
 
@@ -77,6 +85,32 @@ def test_default_params_are_valid():
             {"scores__moso_snapshots": 151},
             "scores.moso_snapshots = 151: must be <= scores.moso_steps",
         ),
+        ({"train__model": "vit"}, "train.model = 'vit' is not allowed; allowed: unet2d, dit"),
+        ({"train__dit_size": "M/3"}, "train.dit_size = 'M/3' is not allowed; allowed: S/2"),
+        ({"train__block_channels": DELETE}, "train: 'block_channels' is a required property"),
+        ({"train__label_dropout": 1.0}, "train.label_dropout = 1.0: must be < 1"),
+        ({"train__conditional": True}, "train.conditional = true: needs train.model dit"),
+        (
+            {"train__model": "dit", "train__dit_size": "custom"},
+            "train.dit = null: train.dit_size custom needs {depth, width, heads, patch}",
+        ),
+        (
+            {
+                "train__model": "dit",
+                "train__dit_size": "custom",
+                "train__dit": {"depth": 2, "width": 32, "heads": 2},
+            },
+            "train.dit: 'patch' is a required property",
+        ),
+        (
+            {
+                "train__model": "dit",
+                "train__dit_size": "custom",
+                "train__dit": {"depth": 2, "width": 30, "heads": 4, "patch": 2},
+            },
+            "train.dit.width = 30: must be divisible by train.dit.heads (4)",
+        ),
+        ({"sample__guidance_scale": 4.0}, "sample.guidance_scale = 4.0: guidance needs a cond"),
     ],
 )
 def test_bad_params_get_one_clear_line(changes, expected):

@@ -1,13 +1,18 @@
+import warnings
+
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 from torch.func import functional_call, grad, vmap
 
 from diffprune.diffusion import (
+    DIT_SIZES,
     FlowMatchingScheduler,
     build_model,
     build_scheduler,
+    dit_config,
     draw,
+    null_label,
     per_sample_loss,
     resolve_config,
 )
@@ -37,8 +42,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+TINY_DIT = {"depth": 2, "width": 32, "heads": 2, "patch": 2}
+
+
 def tiny(**overrides):
     return {**TINY, **overrides}
+
+
+def tiny_dit(**overrides):
+    """A two-block DiT on 8 x 8 inputs; no UNet keys, which a DiT does not need."""
+    cfg = {k: v for k, v in TINY.items() if k not in ("block_channels", "layers_per_block")}
+    return {**cfg, "model": "dit", "dit_size": "custom", "dit": TINY_DIT, **overrides}
 
 
 def batch(n=4, channels=1, seed=0):
@@ -73,7 +87,12 @@ def test_build_model_is_seeded_by_global_rng():
     [
         ({"model": "vit"}, "train.model 'vit' is unknown"),
         ({"objective": "edm"}, "train.objective 'edm' is unknown"),
-        ({"resolution": 6, "block_channels": [8, 16, 32]}, "train.resolution 6 must be divisible"),
+        ({"resolution": 6, "block_channels": [8, 16, 32]}, "input size 6 .* must be divisible"),
+        ({"conditional": True}, "train.conditional needs a class-conditional model"),
+        ({"model": "dit", "dit_size": "M/3"}, "train.dit_size 'M/3' is unknown"),
+        ({"model": "dit", "dit_size": "custom"}, "train.dit_size custom needs train.dit"),
+        ({"model": "dit", "dit_size": "custom", "dit": {**TINY_DIT, "heads": 3}}, "divisible by"),
+        ({"model": "dit", "dit_size": "custom", "resolution": 7, "dit": TINY_DIT}, "patch size 2"),
     ],
 )
 def test_bad_config_raises_one_line(overrides, message):
@@ -93,6 +112,8 @@ def test_optional_keys_get_documented_defaults():
     cfg = resolve_config(TINY)
     assert cfg["num_train_timesteps"] == 1000 and cfg["beta_schedule"] == "linear"
     assert cfg["attention"] is False and cfg["mixed_precision"] == "auto"
+    assert cfg["conditional"] is False and cfg["label_dropout"] == 0.1
+    assert cfg["dit_size"] == "S/2" and cfg["dit"] is None
     assert resolve_config(tiny(num_train_timesteps=50))["num_train_timesteps"] == 50
 
 
@@ -207,3 +228,99 @@ def test_per_sample_gradients_with_torch_func(objective):
         ).sum().backward()  # fmt: skip
         for name, param in model.named_parameters():
             assert torch.allclose(grads[name][i], param.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    ("size", "depth", "width", "heads"),
+    [("S/2", 12, 384, 6), ("B/2", 12, 768, 12), ("L/2", 24, 1024, 16), ("XL/2", 28, 1152, 16)],
+)
+def test_dit_sizes_are_the_papers(size, depth, width, heads):
+    config = dit_config(tiny_dit(dit_size=size), in_channels=4, sample_size=32, num_classes=1000)
+    assert config["num_layers"] == depth and config["patch_size"] == 2
+    assert config["num_attention_heads"] == heads
+    assert config["num_attention_heads"] * config["attention_head_dim"] == width
+    assert config["in_channels"] == config["out_channels"] == 4  # no learned sigma
+    assert config["sample_size"] == 32 and config["num_embeds_ada_norm"] == 1000
+    assert DIT_SIZES[size] == {"depth": depth, "width": width, "heads": heads, "patch": 2}
+
+
+def test_dit_s2_parameter_count():
+    """diffusers' DiT-S/2 on 32x32x4 latents with 1000 classes: the paper's 33M plus, because
+    diffusers gives every block its own timestep and label embedder, 11 more of those (0.63M
+    each at width 384). Built on the meta device: no memory, no initialisation."""
+    cfg = resolve_config(tiny_dit(dit_size="S/2"))
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(**dit_config(cfg, 4, 32, 1000))
+    n = sum(p.numel() for p in model.parameters())
+    width = 384
+    embedders = (256 * width + width) + (width * width + width) + 1001 * width
+    assert n - 11 * embedders == pytest.approx(33e6, rel=0.01)
+    assert n == 32_858_896 + 11 * embedders
+
+
+def test_tiny_dit_builds_with_the_papers_initialisation():
+    torch.manual_seed(0)
+    model = build_model(tiny_dit(), in_channels=4, num_classes=3)
+    assert isinstance(model, DiTTransformer2DModel)
+    assert model.config.num_layers == 2 and model.config.patch_size == 2
+    assert model.config.num_attention_heads * model.config.attention_head_dim == 32
+    assert model.config.sample_size == 8 and null_label(model) == 3
+    x, t, labels = batch(channels=4), torch.tensor([3, 50, 999, 0]), torch.tensor([0, 1, 2, 3])
+    assert torch.equal(model(x, t, class_labels=labels).sample, torch.zeros_like(x))  # adaLN-Zero
+    for block in model.transformer_blocks:
+        assert not block.norm1.linear.weight.any()
+        table = block.norm1.emb.class_embedder
+        assert table.embedding_table.num_embeddings == 4  # 3 classes + the null label
+        assert table.dropout_prob == 0  # no label dropout inside the network
+
+
+def test_dit_maps_inputs_to_same_shape_and_drops_no_labels_itself():
+    model = random_dit(in_channels=4, num_classes=3).train()
+    x, t, labels = batch(channels=4), torch.tensor([3, 50, 999, 0]), torch.tensor([0, 1, 2, 2])
+    out = model(x, t, class_labels=labels).sample
+    assert out.shape == x.shape
+    assert torch.equal(out, model(x, t, class_labels=labels).sample)  # training mode, no dropout
+    null = model(x, t, class_labels=torch.full((4,), 3)).sample
+    assert not torch.allclose(out, null)  # the label matters
+
+
+def random_dit(in_channels=1, num_classes=0, seed=0):
+    """A tiny DiT with random weights everywhere (the paper's zero initialisation makes every
+    output 0, which would hide the labels' and timesteps' effects)."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_dit(), in_channels=in_channels, num_classes=num_classes)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_dit_per_sample_gradients_with_labels_under_torch_func(objective):
+    """scores.py's contract with class labels: vmap(grad) equals a loop over samples."""
+    model = random_dit(num_classes=3)
+    scheduler = build_scheduler(tiny_dit(objective=objective))
+    x0 = batch(n=3)
+    noise, t = draw(x0, scheduler, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 3])  # 3: the null label
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, x, n, ti, label):
+        net = lambda xt, tt, **kw: functional_call(model, p, (xt, tt), kw)  # noqa: E731
+        return per_sample_loss(
+            net, scheduler, x[None], noise=n[None], timesteps=ti[None], objective=objective,
+            class_labels=label[None],
+        )[0]  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x0, noise, t, labels)
+    for i in range(3):
+        model.zero_grad()
+        per_sample_loss(
+            model, scheduler, x0[i : i + 1], noise=noise[i : i + 1], timesteps=t[i : i + 1],
+            objective=objective, class_labels=labels[i : i + 1],
+        ).sum().backward()  # fmt: skip
+        for name, param in model.named_parameters():
+            expected = torch.zeros_like(param) if param.grad is None else param.grad
+            assert torch.allclose(grads[name][i], expected, atol=1e-5), name

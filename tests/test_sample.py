@@ -1,11 +1,15 @@
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler
 from PIL import Image
 
+from diffprune.data import to_uint8
 from diffprune.diffusion import build_model, build_scheduler
-from diffprune.errors import DataError, SamplingFailed
+from diffprune.errors import ConfigError, DataError, SamplingFailed
 from diffprune.sample import generate, save_grid, write_samples
 from diffprune.status import write_failed_model
 from diffprune.train import load_model, save_model
@@ -180,3 +184,169 @@ def test_save_grid_rejects_bad_input(tmp_path):
         save_grid(np.zeros((2, 4, 4, 1), np.float32), tmp_path / "g.png")
     with pytest.raises(ValueError, match="nrow=0"):
         save_grid(np.zeros((2, 4, 4, 1), np.uint8), tmp_path / "g.png", nrow=0)
+
+
+# A two-block DiT with flow matching, as the paper samples it (Euler).
+DIT = {
+    **{k: v for k, v in TINY.items() if k not in ("block_channels", "layers_per_block")},
+    "model": "dit",
+    "objective": "flow",
+    "dit_size": "custom",
+    "dit": {"depth": 2, "width": 32, "heads": 2, "patch": 2},
+}
+CPU = {"device": "cpu", "progress": False}
+
+
+def write_dit(path, *, conditional, channels=1, size=8, latent=None, nan=False):
+    """A DiT folder with random weights everywhere (the paper's zero initialisation would make
+    every prediction 0), large label embeddings so that labels matter; 3 classes when
+    conditional."""
+    cfg = {**DIT, "conditional": conditional}
+    torch.manual_seed(0)
+    model = build_model(
+        cfg, in_channels=channels, sample_size=size, num_classes=3 if conditional else 0
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.05)
+        for block in model.transformer_blocks:
+            block.norm1.emb.class_embedder.embedding_table.weight.normal_(0, 2)
+        if nan:
+            model.proj_out_2.bias.fill_(float("nan"))
+    save_model(model, build_scheduler(cfg), path, cfg=cfg, summary={"latent": latent})
+    return path
+
+
+@pytest.fixture(scope="module")
+def conditional_dir(tmp_path_factory):
+    return write_dit(tmp_path_factory.mktemp("cond") / "model", conditional=True)
+
+
+def draws(num_samples, shape, seed):
+    """generate's draws: the initial noise, then the class labels, from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, *shape), generator=generator)
+    return noise, torch.randint(0, 3, (num_samples,), generator=generator)
+
+
+def velocity(model, x, t, labels):
+    return model(x, torch.full((len(x),), t * 1000), class_labels=labels).sample
+
+
+def test_guidance_scale_one_is_the_plain_conditional_sample(conditional_dir):
+    ours = generate(conditional_dir, num_samples=3, steps=2, seed=2, **CPU)
+    model, _, _ = load_model(conditional_dir)
+    x, labels = draws(3, (1, 8, 8), seed=2)
+    with torch.no_grad():
+        for t in (0.0, 0.5):
+            x = x + 0.5 * velocity(model, x, t, labels)
+    assert np.abs(ours.astype(int) - to_uint8(x)).max() <= 1
+    assert ours.shape == (3, 8, 8, 1) and ours.std() > 10
+    given = generate(conditional_dir, num_samples=3, steps=2, seed=2, class_labels=labels, **CPU)
+    assert np.array_equal(given, ours)
+    other = (labels.numpy() + 1) % 3
+    assert not np.array_equal(
+        generate(conditional_dir, num_samples=3, steps=2, seed=2, class_labels=other, **CPU), ours
+    )
+
+
+def test_guidance_matches_one_euler_step_by_hand(conditional_dir):
+    ours = generate(conditional_dir, num_samples=3, steps=1, seed=4, guidance_scale=4.0, **CPU)
+    model, _, _ = load_model(conditional_dir)
+    x, labels = draws(3, (1, 8, 8), seed=4)
+    with torch.no_grad():
+        cond = velocity(model, x, 0.0, labels)
+        uncond = velocity(model, x, 0.0, torch.full((3,), 3))  # 3: the null label
+    expected = to_uint8(x + 1.0 * (uncond + 4.0 * (cond - uncond)))
+    assert np.abs(ours.astype(int) - expected).max() <= 1
+    plain = generate(conditional_dir, num_samples=3, steps=1, seed=4, **CPU)
+    assert np.abs(ours.astype(int) - plain).max() > 10  # guidance changed the samples
+
+
+def test_write_samples_passes_the_guidance_scale(conditional_dir, tmp_path):
+    out = {"samples_path": tmp_path / "samples.npy", "grid_path": tmp_path / "grid.png"}
+    cfg = {**SAMPLE, "guidance_scale": 2.0}
+    assert write_samples(conditional_dir, cfg=cfg, seed=0, device="cpu", **out) is None
+    expected = generate(conditional_dir, seed=0, guidance_scale=2.0, **CPU, **SAMPLE_ARGS)
+    assert np.array_equal(np.load(out["samples_path"]), expected)
+
+
+def test_unconditional_models_take_no_labels_or_guidance(flow_dir, tmp_path):
+    dit_dir = write_dit(tmp_path / "dit", conditional=False)
+    model, _, _ = load_model(dit_dir)
+    ours = generate(dit_dir, num_samples=2, steps=1, seed=0, **CPU)
+    x = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = to_uint8(x + velocity(model, x, 0.0, torch.zeros(2, dtype=torch.int64)))
+    assert np.abs(ours.astype(int) - expected).max() <= 1  # always the null label, 0
+    for model_dir in (dit_dir, flow_dir):
+        with pytest.raises(ConfigError, match="need a conditional model"):
+            generate(model_dir, num_samples=2, guidance_scale=4.0, **CPU)
+        with pytest.raises(ConfigError, match="need a conditional model"):
+            generate(model_dir, num_samples=2, class_labels=np.zeros(2, np.int64), **CPU)
+
+
+def test_bad_class_labels_raise(conditional_dir):
+    with pytest.raises(ValueError, match=r"class_labels must be 2 labels in \[0, 3\)"):
+        generate(conditional_dir, num_samples=2, class_labels=np.array([0, 3]), **CPU)
+
+
+@pytest.fixture
+def autoencoder_dir(tmp_path, monkeypatch):
+    """A tiny random AutoencoderKL folder: 4 latent channels, RGB, downsampling factor 2.
+
+    Sampling decodes with diffprune.autoencoder's load_autoencoder and decode_to_uint8; where
+    that module is not in this checkout, a stand-in with the same two functions takes its place.
+    """
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=8,
+    )  # fmt: skip
+    autoencoder.save_pretrained(tmp_path / "autoencoder")
+    try:
+        import diffprune.autoencoder  # noqa: F401
+    except ModuleNotFoundError:
+        monkeypatch.setitem(sys.modules, "diffprune.autoencoder", _autoencoder_stand_in())
+    return tmp_path / "autoencoder"
+
+
+def _autoencoder_stand_in() -> types.ModuleType:
+    module = types.ModuleType("diffprune.autoencoder")
+
+    def load_autoencoder(source):
+        return AutoencoderKL.from_pretrained(source).eval()
+
+    @torch.no_grad()
+    def decode_to_uint8(autoencoder, latents, *, batch_size, device):
+        autoencoder.to(device)
+        parts = [autoencoder.decode(z.to(device)).sample.cpu() for z in latents.split(batch_size)]
+        return to_uint8(torch.cat(parts))
+
+    module.load_autoencoder, module.decode_to_uint8 = load_autoencoder, decode_to_uint8
+    return module
+
+
+def test_latent_model_decodes_through_its_autoencoder(autoencoder_dir, tmp_path):
+    latent = {"autoencoder": str(autoencoder_dir), "scale_factor": 0.5}
+    model_dir = write_dit(tmp_path / "m", conditional=False, channels=4, size=4, latent=latent)
+    ours = generate(model_dir, num_samples=3, steps=1, batch_size=2, seed=1, **CPU)
+    assert ours.shape == (3, 8, 8, 3) and ours.dtype == np.uint8  # 4 latent pixels x factor 2
+    model, _, _ = load_model(model_dir)
+    x = torch.randn((3, 4, 4, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = x + velocity(model, x, 0.0, torch.zeros(3, dtype=torch.int64))
+        decoded = AutoencoderKL.from_pretrained(autoencoder_dir).decode(z / 0.5).sample
+    assert np.abs(ours.astype(int) - to_uint8(decoded)).max() <= 1
+    assert len(np.unique(ours.reshape(3, -1), axis=0)) == 3
+
+
+def test_non_finite_latents_fail_before_decoding(autoencoder_dir, tmp_path):
+    latent = {"autoencoder": str(autoencoder_dir), "scale_factor": 0.5}
+    model_dir = write_dit(
+        tmp_path / "m", conditional=False, channels=4, size=4, latent=latent, nan=True
+    )
+    reason, samples, picture = write_outputs(model_dir, tmp_path)
+    assert "non-finite" in reason and samples.shape == (0, 8, 8, 3)  # the decoded images' shape
+    assert_failed_grid(picture, channels=3)

@@ -7,10 +7,10 @@ import torch
 from diffusers import DDPMPipeline
 
 from diffprune import io
-from diffprune.diffusion import build_model, build_scheduler, draw, per_sample_loss
-from diffprune.errors import DataError, TrainingDiverged
+from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
+from diffprune.errors import ConfigError, DataError, TrainingDiverged
 from diffprune.status import write_failed_model
-from diffprune.train import CHECKPOINT, load_model, save_model, train
+from diffprune.train import CHECKPOINT, _batch_labels, load_model, save_model, train
 
 TINY = {
     "model": "unet2d",
@@ -37,8 +37,43 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# A conditional two-block DiT with flow matching; label dropout 0.5 so that a few steps drop some.
+DIT = {
+    **{k: v for k, v in TINY.items() if k not in ("block_channels", "layers_per_block")},
+    "model": "dit",
+    "objective": "flow",
+    "dit_size": "custom",
+    "dit": {"depth": 2, "width": 32, "heads": 2, "patch": 2},
+    "conditional": True,
+    "label_dropout": 0.5,
+}
+LATENT = {"autoencoder": "data/autoencoder", "scale_factor": 0.5}
+
+
 def tiny(**overrides):
     return {**TINY, **overrides}
+
+
+def latents(n=12, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 4, 8, 8)).astype(np.float32)
+
+
+def labels(n=12, seed=0):
+    return np.random.default_rng(seed).integers(0, 3, n)
+
+
+def run_dit(tmp_path, name, **kwargs):
+    """`run` for the conditional DiT on latents (3 classes)."""
+    kwargs = {
+        "images": None,
+        "latents": latents(),
+        "latent": LATENT,
+        "labels": labels(),
+        "num_classes": 3,
+        "cfg": DIT,
+        **kwargs,
+    }
+    return run(tmp_path, name, **kwargs)
 
 
 def images(n=12, seed=0, size=8):
@@ -309,3 +344,99 @@ def test_failed_model_folder_records_the_failure_and_does_not_load(tmp_path):
     assert record["cfg"]["lr"] == TINY["lr"] and record["cfg"]["attention"] is False
     with pytest.raises(DataError, match="failed: training diverged at step 5"):
         load_model(tmp_path / "m")
+
+
+def test_conditional_dit_trains_on_latents_and_loads(tmp_path):
+    summary = run_dit(tmp_path, "a")
+    model, scheduler, cfg = load_model(tmp_path / "a" / "model")
+    assert (tmp_path / "a" / "model" / "transformer" / "config.json").is_file()
+    assert type(model).__name__ == "DiTTransformer2DModel" and not model.training
+    assert type(scheduler).__name__ == "FlowMatchingScheduler"
+    assert model.config.in_channels == 4 and model.config.sample_size == 8  # the latents' size
+    assert null_label(model) == 3 and cfg["conditional"] and cfg["label_dropout"] == 0.5
+    tables = [b.norm1.emb.class_embedder for b in model.transformer_blocks]
+    assert all(t.dropout_prob == 0 and t.embedding_table.num_embeddings == 4 for t in tables)
+    assert model.proj_out_2.weight.abs().sum() > 0  # trained away from the zero initialisation
+    record = io.load_json(tmp_path / "a" / "model" / "train.json")
+    assert record == {**summary, "cfg": cfg}
+    assert record["latent"] == LATENT and record["num_classes"] == 3
+    assert record["latents_sha256"] and record["labels_sha256"] and "images_sha256" not in record
+    assert np.isfinite(record["final_loss"])
+
+
+def test_unconditional_dit_trains_on_images_with_the_null_label(tmp_path):
+    cfg = {**DIT, "conditional": False}
+    summary = run(tmp_path, "a", cfg=cfg, labels=labels(), num_classes=3)  # labels are ignored
+    model, _, _ = load_model(tmp_path / "a" / "model")
+    assert null_label(model) == 0 and model.config.in_channels == 1
+    assert summary["num_classes"] is None and summary["labels_sha256"] is None
+    assert summary["latent"] is None and summary["images_sha256"]
+
+
+def test_label_dropout_is_seeded_and_replaces_labels_by_the_null_label():
+    rows = torch.arange(2000) % 10
+    table = torch.arange(10) % 3
+
+    def dropped(p, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        return _batch_labels(table, rows, null=3, dropout=p, generator=generator)
+
+    assert torch.equal(dropped(0.1), dropped(0.1)) and not torch.equal(
+        dropped(0.1), dropped(0.1, 1)
+    )
+    assert torch.equal(dropped(0.0), table[rows])
+    kept = dropped(0.1) != 3
+    assert torch.equal(dropped(0.1)[kept], table[rows][kept])
+    assert 0.07 < (~kept).float().mean() < 0.13
+    unconditional = _batch_labels(None, rows, null=0, dropout=0.1, generator=torch.Generator())
+    assert torch.equal(unconditional, torch.zeros(2000, dtype=torch.int64))
+
+
+def test_dit_same_seed_same_weights_and_label_dropout_matters(tmp_path):
+    run_dit(tmp_path, "a")
+    run_dit(tmp_path, "b")
+    run_dit(tmp_path, "c", cfg={**DIT, "label_dropout": 0.0})
+    assert same_weights(tmp_path / "a" / "model", tmp_path / "b" / "model")
+    assert not same_weights(tmp_path / "a" / "model", tmp_path / "c" / "model")
+
+
+def test_dit_resume_after_crash_matches_uninterrupted_run(tmp_path):
+    clean = run_dit(tmp_path, "clean", keep_checkpoint=True)
+    with pytest.raises(Crash):
+        run_dit(tmp_path, "crashed", snapshot_every=1, on_snapshot=crash_at(4))
+    resumed = run_dit(tmp_path, "crashed", keep_checkpoint=True)
+    assert resumed["resumed_from_step"] == 3 and resumed["final_loss"] == clean["final_loss"]
+    assert same_weights(tmp_path / "clean" / "model", tmp_path / "crashed" / "model")
+    a = torch.load(tmp_path / "clean" / "ckpt" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "crashed" / "ckpt" / CHECKPOINT, weights_only=True)
+    for name, expected in a["model"].items():
+        assert torch.equal(b["model"][name], expected), name
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"labels": labels(seed=5)}, "labels_sha256"),
+        ({"latents": latents(seed=5)}, "latents_sha256"),
+        ({"num_classes": 4}, "num_classes"),
+    ],
+)
+def test_dit_checkpoint_of_other_labels_or_latents_is_ignored(tmp_path, caplog, change, reason):
+    with pytest.raises(Crash):
+        run_dit(tmp_path, "a", snapshot_every=1, on_snapshot=crash_at(4))
+    with caplog.at_level(logging.WARNING, logger="diffprune.train"):
+        assert run_dit(tmp_path, "a", **change)["resumed_from_step"] == 0
+    assert "ignoring checkpoint" in caplog.text and reason in caplog.text
+
+
+def test_bad_dit_inputs_raise(tmp_path):
+    with pytest.raises(ConfigError, match="needs the rows' labels and num_classes"):
+        run_dit(tmp_path, "x", labels=None)
+    with pytest.raises(DataError, match=r"labels must be in \[0, num_classes=3\)"):
+        run_dit(tmp_path, "x", labels=labels() + 1)
+    with pytest.raises(ValueError, match="latents need their latent record"):
+        run_dit(tmp_path, "x", latent=None)
+    with pytest.raises(ValueError, match="exactly one of images and latents"):
+        run_dit(tmp_path, "x", images=images())
+    with pytest.raises(DataError, match="float latents"):
+        run_dit(tmp_path, "x", latents=latents()[:, :, :, :6])

@@ -1,5 +1,7 @@
 """Snakemake script for rule `sample`: generate samples from the EMA weights.
 
+params["sample"] goes to write_samples whole: num_samples, steps, batch_size, grid_size and
+guidance_scale (classifier-free guidance of conditional models; 1 is off).
 A failed run gets an empty samples array and a grid that reads FAILED (logged at ERROR).
 """
 

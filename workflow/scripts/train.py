@@ -1,5 +1,8 @@
 """Snakemake script for rule `train`: train a diffusion model on the kept subset.
 
+A class-conditional model (train.conditional) gets the kept rows' labels and the store's number
+of classes.
+
 A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
 goes on and the report shows the failure; the last good checkpoint stays for a look.
 """
@@ -21,9 +24,12 @@ store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
 manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep"])
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
 cfg, seed = dict(snakemake.params.train), int(snakemake.wildcards.seed)
+conditional = cfg.get("conditional", False)
 try:
     train(
         images=np.asarray(store.images[kept]),
+        labels=store.index["label"].to_numpy()[kept] if conditional else None,
+        num_classes=len(store.meta["class_names"] or []) if conditional else None,
         cfg=cfg,
         seed=seed,
         out_dir=snakemake.output.model,
