@@ -90,6 +90,12 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             f"{scores['names']!r}; it must be {sorted(surrogates)!r} (full for el2n, grand, "
             f"forgetting; moso for moso)"
         )
+    autoencoder = params["autoencoder"]
+    if autoencoder["source"] == "pretrained" and not autoencoder.get("pretrained"):
+        problems.append(
+            "autoencoder.pretrained = null: source pretrained needs a local folder written by "
+            "save_pretrained or a hub id (e.g. stabilityai/sd-vae-ft-ema); or use source train"
+        )
     skew = params["skew"]
     if skew["arms"] and skew["keep"] > skew["size"]:
         problems.append(f"skew.keep = {skew['keep']}: must be <= skew.size ({skew['size']})")

@@ -71,6 +71,26 @@ def embeddings_meta() -> Path:
     return DATA / "embed" / "embeddings.json"
 
 
+# autoencoder and encode: the latent space of the DiT (diffprune.autoencoder)
+def autoencoder() -> Path:
+    """Folder: diffusers' save_pretrained files plus autoencoder.json (scale factor, quality)."""
+    return DATA / "autoencoder"
+
+
+def autoencoder_checkpoints() -> Path:
+    """Resumable autoencoder training state; not a declared output, so a failed job keeps it."""
+    return DATA / "checkpoints" / "autoencoder"
+
+
+def latents() -> Path:
+    """float16 (N, C, h, w) posterior means of the train store, UNSCALED, in store order."""
+    return DATA / "latents" / "latents.npy"
+
+
+def latents_meta() -> Path:
+    return DATA / "latents" / "latents.json"
+
+
 # The evidence selection rules rank by (clusters, scores) shares one folder, so that a DVC stage can
 # depend on it whatever the grid holds.
 EVIDENCE = DATA / "evidence"

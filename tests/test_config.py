@@ -46,6 +46,11 @@ def test_default_params_are_valid():
     validate_params(params(train__dit_size=DELETE, train__conditional=DELETE))  # code defaults
     validate_params(params(scores__timestep=None, scores__weights="raw"))
     validate_params(params(scores__timestep=DELETE, scores__weights=DELETE))  # code defaults
+    validate_params(
+        params(
+            autoencoder__source="pretrained", autoencoder__pretrained="stabilityai/sd-vae-ft-ema"
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,6 +75,12 @@ def test_default_params_are_valid():
             {"scores__names": ["moso"], "scores__surrogates": ["full"]},
             "scores.surrogates = ['full'] does not match scores.names ['moso']; it must be",
         ),
+        (
+            {"autoencoder__source": "pretrained"},
+            "autoencoder.pretrained = null: source pretrained needs a local folder",
+        ),
+        ({"autoencoder__loss": "huber"}, "autoencoder.loss = 'huber' is not allowed; allowed: mse"),
+        ({"autoencoder__latent_channels": 0}, "autoencoder.latent_channels = 0: must be >= 1"),
         ({"scores__timestep": 1000}, "scores.timestep = 1000: must be < train.num_train_timesteps"),
         (
             {"scores__timestep": 15, "train__num_train_timesteps": 10},

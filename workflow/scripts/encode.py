@@ -1,0 +1,26 @@
+"""Snakemake script for rule `encode`: cache the latents of every training image.
+
+inputs: `autoencoder` (the folder) and `images` (the train store's images.npy); params:
+`autoencoder` (the params section) and `resolution` (train.resolution); outputs: `latents`
+(latents.npy) and `meta` (latents.json).
+"""
+
+from pathlib import Path
+
+from diffprune.autoencoder import write_latents
+from diffprune.data import load_store
+from diffprune.logs import setup
+
+setup(snakemake.log[0], threads=snakemake.threads)
+cfg = snakemake.params.autoencoder
+store = load_store(Path(snakemake.input.images).parent)
+write_latents(
+    snakemake.input.autoencoder,
+    store.images,
+    resolution=int(snakemake.params.resolution),
+    out_path=snakemake.output.latents,
+    meta_path=snakemake.output.meta,
+    batch_size=cfg.get("encode_batch_size", 256),
+    device=cfg.get("device", "auto"),
+    images_file=snakemake.input.images,
+)
