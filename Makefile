@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps run study-evidence study-gpu test lint bench dvc-repro help
+.PHONY: setup data-deps run study-evidence study-gpu study-latent test lint bench dvc-repro help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -41,6 +41,9 @@ run: setup  ## run the default study (Snakemake), then record it in DVC without 
 
 study-evidence: setup  ## every cluster rule, random and the score methods at two ratios, 3 seeds (CPU)
 	$(BIN)/snakemake --cores all --configfile workflow/studies/evidence.yaml
+
+study-latent: setup  ## the paper's model family at CPU size: conditional DiT on learnt latents
+	$(BIN)/snakemake --cores all --configfile workflow/studies/latent.yaml
 
 study-gpu: setup  ## the evidence grid with 5 seeds and longer training on one GPU
 	$(BIN)/snakemake --cores all --resources gpu=8 \

@@ -1,5 +1,6 @@
 # diffprune: the data-pruning study as a cached workflow.
 #   download -> embed -> cluster | surrogate -> score -> select -> train -> sample -> evaluate -> report
+#   (train.space: latent adds autoencoder -> encode before train)
 # Run `snakemake --cores all`; every path comes from diffprune.paths, every setting from params.yaml.
 
 configfile: "params.yaml"
@@ -8,6 +9,7 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/latent.smk"
 include: "workflow/rules/scores.smk"
 include: "workflow/rules/select.smk"
 include: "workflow/rules/train.smk"

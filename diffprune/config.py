@@ -69,6 +69,13 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
     scores = params["scores"]
     needed = {m.removesuffix("-inverse").removesuffix("-mid") for m in study["methods"]}
     needed &= {"el2n", "grand", "forgetting", "moso"}
+    train = params["train"]
+    if needed and (train["model"], train.get("space", "pixel")) != ("unet2d", "pixel"):
+        problems.append(
+            f"study.methods has score methods ({', '.join(sorted(needed))}) but train.model = "
+            f"{train['model']!r}, train.space = {train.get('space', 'pixel')!r}: their surrogates "
+            "are pixel-space UNets for now; allowed: model unet2d with space pixel"
+        )
     if missing := sorted(needed - set(scores["names"])):
         problems.append(
             f"scores.names = {scores['names']!r} lacks {', '.join(missing)}, which study.methods "

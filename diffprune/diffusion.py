@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "dit": None,
     "conditional": False,
     "label_dropout": 0.1,
+    "space": "pixel",
 }
 REQUIRED = (
     "model", "objective", "resolution", "steps", "batch_size", "lr", "ema_decay",

@@ -146,14 +146,13 @@ def write_samples(
 
 def empty_samples(model_dir: str | os.PathLike) -> np.ndarray:
     """uint8 (0, H, W, C): H = W the trained resolution, C the network's input channels (1 when
-    the folder holds no network, as a failed run's does not; 3 for a latent model, whose
-    autoencoder decodes RGB)."""
+    the folder holds no network, as a failed run's does not; a latent model's image channels)."""
     summary = io.load_json(Path(model_dir) / SUMMARY)
     cfg = resolve_config(summary["cfg"])
     config = Path(model_dir) / MODELS[cfg["model"]].subfolder / "config.json"
     channels = io.load_json(config)["in_channels"] if config.is_file() else 1
     if summary.get("latent") is not None:
-        channels = 3
+        channels = summary["latent"].get("image_channels", 3)
     return np.zeros((0, cfg["resolution"], cfg["resolution"], channels), dtype=np.uint8)
 
 
@@ -243,7 +242,10 @@ def _image_decoder(
 
     autoencoder = load_autoencoder(latent["autoencoder"])
     scale = latent["scale_factor"]
-    return lambda z: decode_to_uint8(autoencoder, z / scale, batch_size=batch_size, device=device)
+    channels = latent.get("image_channels")  # grey data through an RGB autoencoder stays grey
+    return lambda z: decode_to_uint8(
+        autoencoder, z / scale, batch_size=batch_size, device=device, channels=channels
+    )
 
 
 def save_grid(images_uint8_nhwc: np.ndarray, path: str | os.PathLike, *, nrow: int = 8) -> None:

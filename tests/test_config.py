@@ -166,3 +166,12 @@ def test_run_ids_round_trip(name):
 def test_bad_run_id():
     with pytest.raises(ValueError, match="is not 'full'"):
         Run.parse("random-0.5")
+
+
+def test_score_methods_need_the_pixel_unet():
+    params = copy.deepcopy(DEFAULT)
+    params["study"]["methods"] = ["el2n"]
+    params["scores"] |= {"names": ["el2n"], "surrogates": ["full"]}
+    params["train"] |= {"model": "dit", "space": "latent"}
+    with pytest.raises(ConfigError, match=r"score methods \(el2n\).*allowed: model unet2d"):
+        validate_params(params)

@@ -42,6 +42,28 @@ def selection_inputs(wildcards):
     return inputs
 
 
+LATENT = config["train"].get("space", "pixel") == "latent"
+
+
+def train_inputs(wildcards):
+    """The train store and the run's manifest; in latent space also the cached latents."""
+    inputs = {
+        "store": store_files("train"),
+        "manifest": paths.manifest(wildcards.run, wildcards.seed),
+    }
+    if LATENT:
+        inputs |= {"latents": paths.latents(), "latents_meta": paths.latents_meta()}
+    return inputs
+
+
+def sample_inputs(wildcards):
+    """The model; a latent model also decodes through the autoencoder folder."""
+    inputs = {"model": paths.model(wildcards.run, wildcards.seed)}
+    if LATENT:
+        inputs["autoencoder"] = paths.autoencoder()
+    return inputs
+
+
 def surrogate_for(wildcards):
     return paths.surrogate("moso" if wildcards.score == "moso" else "full")
 

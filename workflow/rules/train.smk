@@ -1,8 +1,7 @@
 rule train:
     """Diffusion model trained on the kept subset only, for the same number of steps every run."""
     input:
-        store=store_files("train"),
-        manifest=paths.manifest("{run}", "{seed}"),
+        unpack(train_inputs),
     output:
         model=directory(paths.model("{run}", "{seed}")),
         log_dir=directory(paths.train_log("{run}", "{seed}")),
@@ -25,7 +24,7 @@ rule train:
 rule sample:
     """Samples from the EMA weights (uint8, like the image store) and a PNG mosaic."""
     input:
-        model=paths.model("{run}", "{seed}"),
+        unpack(sample_inputs),
     output:
         samples=paths.samples("{run}", "{seed}"),
         grid=report(

@@ -1,7 +1,8 @@
 """Snakemake script for rule `train`: train a diffusion model on the kept subset.
 
 A class-conditional model (train.conditional) gets the kept rows' labels and the store's number
-of classes.
+of classes. In latent space (train.space: latent) it trains on the kept rows' cached latents,
+scaled by the autoencoder's measured factor, and records how to decode them.
 
 A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
 goes on and the report shows the failure; the last good checkpoint stays for a look.
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from diffprune.autoencoder import autoencoder_info, load_latents
 from diffprune.data import load_store
 from diffprune.errors import TrainingDiverged
 from diffprune.logs import setup
@@ -25,9 +27,22 @@ manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
 cfg, seed = dict(snakemake.params.train), int(snakemake.wildcards.seed)
 conditional = cfg.get("conditional", False)
+if cfg.get("space", "pixel") == "pixel":
+    data = {"images": np.asarray(store.images[kept])}
+else:
+    latents, meta = load_latents(snakemake.input.latents, snakemake.input.latents_meta)
+    info = autoencoder_info(meta["autoencoder"])
+    data = {
+        "latents": np.asarray(latents[kept], dtype=np.float32) * meta["scale_factor"],
+        "latent": {
+            "autoencoder": meta["autoencoder"],
+            "scale_factor": meta["scale_factor"],
+            "image_channels": info["image_channels"],
+        },
+    }
 try:
     train(
-        images=np.asarray(store.images[kept]),
+        **data,
         labels=store.index["label"].to_numpy()[kept] if conditional else None,
         num_classes=len(store.meta["class_names"] or []) if conditional else None,
         cfg=cfg,
