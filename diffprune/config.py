@@ -33,7 +33,8 @@ SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "para
 METRIC_BASES = (
     "fd", "kid", "precision", "recall", "vendi", "novelty_mean", "novelty_median",
     "novelty_kept_mean", "novelty_kept_median", "near_copy_share", "near_copy_threshold",
-    "mode_coverage", "occupancy_kl",
+    "novelty_kept_near_copy_share", "novelty_kept_near_copy_threshold", "mode_coverage",
+    "occupancy_kl",
 )  # fmt: skip
 CLASS_METRICS = ("class_kl", "class_share_min", "class_share_ratio_min")
 # Fashion-MNIST's splits and classes (data.FASHION_MNIST_FILES; checked against the files in tests).
