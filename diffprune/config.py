@@ -2,11 +2,20 @@
 
 Errors name the key, the bad value and what is allowed, one line per problem, e.g.
 `params.yaml: train.steps = 0: must be >= 1`.
+
+The schema checks each value on its own (integers must be written as integers: 300, not 300.0);
+`_semantic_problems` then checks what crosses keys or needs knowledge of the stages: metric names,
+sizes against the data, resolutions against the models, devices against the machine.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import math
 import os
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +27,29 @@ from diffprune.paths import FULL, Run
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
 
+# Metric names that evaluate writes: `<base>_<space>` per feature space (evaluate_samples,
+# metrics.novelty and metrics.coverage), plus the classifier's class balance (class_balance).
+# tests/test_bad_params.py checks them against a real evaluation.
+METRIC_BASES = (
+    "fd", "kid", "precision", "recall", "vendi", "novelty_mean", "novelty_median",
+    "novelty_kept_mean", "novelty_kept_median", "near_copy_share", "near_copy_threshold",
+    "novelty_kept_near_copy_share", "novelty_kept_near_copy_threshold", "mode_coverage",
+    "occupancy_kl",
+)  # fmt: skip
+CLASS_METRICS = ("class_kl", "class_share_min", "class_share_ratio_min")
+# Fashion-MNIST's splits and classes (data.FASHION_MNIST_FILES; checked against the files in tests).
+FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
+# Defaults of optional train keys (diffusion.DEFAULTS, DIT_SIZES), not imported so that loading
+# the config does not load torch; tests check that they agree.
+TRAIN_DEFAULTS = {"num_train_timesteps": 1000, "space": "pixel", "dit_size": "S/2"}
+DIT_PATCH = {"S/2": 2, "B/2": 2, "L/2": 2, "XL/2": 2}
+# Sections with a `device` key.
+DEVICE_SECTIONS = ("embed", "cluster", "scores", "train", "autoencoder", "classifier", "evaluate")
 
-def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+
+def load_params(
+    path: str | os.PathLike = "params.yaml", *, check_cuda: bool = True
+) -> dict[str, Any]:
     """Read and validate a params file; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.exists():
@@ -27,18 +57,24 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    validate_params(params, source=str(path))
+        raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
+    validate_params(params, source=str(path), check_cuda=check_cuda)
     return params
 
 
-def validate_params(params: Any, *, source: str = "params.yaml") -> None:
-    schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(params), key=lambda e: [str(p) for p in e.absolute_path])
+def validate_params(params: Any, *, source: str = "params.yaml", check_cuda: bool = False) -> None:
+    """Raise ConfigError listing every problem of `params`, one line each.
+
+    `check_cuda`: also refuse a `device: cuda` that no visible GPU serves. Off by default, as
+    Snakemake validates at every parse of the Snakefile, dry runs and cluster submission included,
+    where the GPUs are on the machines that run the jobs.
+    """
+    errors = sorted(
+        _validator().iter_errors(params), key=lambda e: [str(p) for p in e.absolute_path]
+    )
     problems = [_describe(error) for error in errors]
     if not problems:
-        problems = _semantic_problems(params)
+        problems = _semantic_problems(params) + (_device_problems(params) if check_cuda else [])
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
 
@@ -53,27 +89,117 @@ def grid(params: dict[str, Any]) -> list[tuple[Run, int]]:
     return [(run, seed) for run in runs for seed in study["seeds"]]
 
 
+def metric_names(features: list[str]) -> list[str]:
+    """Every metric that evaluate writes for the feature spaces `features` (evaluate.features)."""
+    names = [f"{base}_{feature.replace('-', '_')}" for feature in features for base in METRIC_BASES]
+    if "classifier" in features:
+        names += CLASS_METRICS
+    return names
+
+
+# --------------------------------------------------------------------------- schema
+def _strict_integer(checker: Any, instance: Any) -> bool:
+    """JSON Schema counts 300.0 as an integer; the stages need a Python int (bool is not one)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    base = jsonschema.Draft202012Validator
+    strict = jsonschema.validators.extend(
+        base, type_checker=base.TYPE_CHECKER.redefine("integer", _strict_integer)
+    )
+    return strict(yaml.safe_load(SCHEMA.read_text()))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where the YAML breaks (1-based line and column) and why."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML{where}: {' '.join(problem.split())}"
+
+
+# --------------------------------------------------------------------------- cross-key rules
 def _semantic_problems(params: dict[str, Any]) -> list[str]:
     """Rules that cross keys, which the schema cannot say."""
-    problems = []
-    data, study = params["data"], params["study"]
-    if data["source"] in ("imagefolder",) and not data["path"]:
+    return [problem for check in CHECKS for problem in check(params)]
+
+
+def _source_problems(params: dict[str, Any]) -> list[str]:
+    data, problems = params["data"], []
+    if data["source"] == "imagefolder" and not data["path"]:
         problems.append("data.path = null: the imagefolder source needs the folder of images")
     if data["source"] == "huggingface" and not data.get("hf_name"):
         problems.append("data.hf_name = null: the huggingface source needs a dataset id")
+    if data["source"] == "fashion-mnist":
+        problems += [
+            f"data.{split}_size = {data[f'{split}_size']}: must be <= {FASHION_MNIST[split]} "
+            f"(fashion-mnist's {split} split), or null for all of it"
+            for split in ("train", "test")
+            if (data[f"{split}_size"] or 0) > FASHION_MNIST[split]
+        ]
+    return problems
+
+
+def _train_images(data: dict[str, Any]) -> tuple[int, str] | None:
+    """The number of training images and where it comes from, when the config tells."""
+    if data["train_size"] is not None:
+        return data["train_size"], "data.train_size"
+    if data["source"] == "fashion-mnist":
+        return FASHION_MNIST["train"], "all of fashion-mnist's train split: data.train_size = null"
+    return None
+
+
+def _study_problems(params: dict[str, Any]) -> list[str]:
+    study, problems = params["study"], []
     if not study["baseline"] and not (study["methods"] and study["ratios"]):
         problems.append("study: the grid is empty; set baseline: true or give methods and ratios")
-    for ratio in study["ratios"]:
+    for i, ratio in enumerate(study["ratios"]):
         if float(repr(float(ratio))) != ratio or "e" in repr(float(ratio)):
             problems.append(f"study.ratios: {ratio!r} cannot be written as a plain decimal run id")
-    scores = params["scores"]
+        elif ratio == 0:
+            problems.append(
+                f"study.ratios.{i} = {ratio!r}: ratio 0 gets run ids that DVC and Snakemake spell "
+                "differently (random_r0, random_r0.0); allowed: 0 < ratio < 1; for full data use "
+                "study.baseline: true, for the paper's balanced rule "
+                "study.extra_runs: [cluster-balanced_r0.0]"
+            )
+    return problems + _kept_problems(study["ratios"], _train_images(params["data"]))
+
+
+def _kept_problems(ratios: list[float], images: tuple[int, str] | None) -> list[str]:
+    """Random and score rules keep floor(N * (1 - ratio)) images (select.select): at least 1."""
+    if images is None:
+        return []
+    n, origin = images
+    return [
+        f"study.ratios.{i} = {ratio!r}: keeps floor({n} * (1 - {ratio})) = 0 of the N = {n} "
+        f"training images ({origin}); allowed: ratio <= 1 - 1/N = {1 - 1 / n:.6g}"
+        for i, ratio in enumerate(ratios)
+        if ratio and math.floor(n * (1 - Fraction(str(ratio)))) == 0
+    ]
+
+
+def _cluster_problems(params: dict[str, Any]) -> list[str]:
+    k, images = params["cluster"]["k"], _train_images(params["data"])
+    if images is None or k <= images[0]:
+        return []
+    return [
+        f"cluster.k = {k}: must be <= the number of training images clustered, "
+        f"{images[0]} ({images[1]})"
+    ]
+
+
+def _score_problems(params: dict[str, Any]) -> list[str]:
+    study, scores, train, problems = params["study"], params["scores"], params["train"], []
     needed = {m.removesuffix("-inverse").removesuffix("-mid") for m in study["methods"]}
     needed &= {"el2n", "grand", "forgetting", "moso"}
-    train = params["train"]
-    if needed and (train["model"], train.get("space", "pixel")) != ("unet2d", "pixel"):
+    space = train.get("space", TRAIN_DEFAULTS["space"])
+    if needed and (train["model"], space) != ("unet2d", "pixel"):
         problems.append(
             f"study.methods has score methods ({', '.join(sorted(needed))}) but train.model = "
-            f"{train['model']!r}, train.space = {train.get('space', 'pixel')!r}: their surrogates "
+            f"{train['model']!r}, train.space = {space!r}: their surrogates "
             "are pixel-space UNets for now; allowed: model unet2d with space pixel"
         )
     if missing := sorted(needed - set(scores["names"])):
@@ -82,9 +208,7 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             f"needs; add it so that DVC computes it too"
         )
     problems += _snapshot_problems(scores)
-    problems += _model_problems(params["train"], params["sample"])
-    # 1000: diffusion.DEFAULTS, not imported so that loading the config does not load torch.
-    timesteps = params["train"].get("num_train_timesteps", 1000)
+    timesteps = train.get("num_train_timesteps", TRAIN_DEFAULTS["num_train_timesteps"])
     if scores.get("timestep") is not None and scores["timestep"] >= timesteps:
         problems.append(
             f"scores.timestep = {scores['timestep']}: must be < train.num_train_timesteps "
@@ -97,39 +221,85 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             f"{scores['names']!r}; it must be {sorted(surrogates)!r} (full for el2n, grand, "
             f"forgetting; moso for moso)"
         )
+    return problems
+
+
+def _snapshot_problems(scores: dict[str, Any]) -> list[str]:
+    """Snapshots are taken every steps // snapshots steps, so there can be at most one per step."""
+    return [
+        f"scores.{snapshots} = {scores[snapshots]}: must be <= scores.{steps} ({scores[steps]})"
+        for snapshots, steps in (("num_snapshots", "steps"), ("moso_snapshots", "moso_steps"))
+        if scores[snapshots] > scores[steps]
+    ]
+
+
+def _autoencoder_problems(params: dict[str, Any]) -> list[str]:
     autoencoder = params["autoencoder"]
     if autoencoder["source"] == "pretrained" and not autoencoder.get("pretrained"):
-        problems.append(
+        return [
             "autoencoder.pretrained = null: source pretrained needs a local folder written by "
             "save_pretrained or a hub id (e.g. stabilityai/sd-vae-ft-ema); or use source train"
-        )
-    skew = params["skew"]
-    if skew["arms"] and skew["keep"] > skew["size"]:
+        ]
+    return []
+
+
+def _skew_problems(params: dict[str, Any]) -> list[str]:
+    skew, data = params["skew"], params["data"]
+    if not skew["arms"]:
+        return []
+    problems = []
+    if skew["keep"] > skew["size"]:
         problems.append(f"skew.keep = {skew['keep']}: must be <= skew.size ({skew['size']})")
-    if skew["arms"] and data["train_size"] is not None and skew["size"] > data["train_size"]:
+    images = _train_images(data)
+    if images is not None and skew["size"] > images[0]:
         problems.append(
-            f"skew.size = {skew['size']}: must be <= data.train_size ({data['train_size']})"
+            f"skew.size = {skew['size']}: must be <= the number of training images, "
+            f"{images[0]} ({images[1]})"
         )
-    if "inception" in params["evaluate"]["features"] and not params["evaluate"].get(
-        "inception_weights"
-    ):
+    if "cluster-balanced" in skew["arms"]:
+        problems += _skew_cluster_problems(skew)
+    if data["source"] == "fashion-mnist":
+        problems += _fashion_skew_problems(skew)
+    return problems
+
+
+def _skew_cluster_problems(skew: dict[str, Any]) -> list[str]:
+    """The cluster-balanced arm clusters the skewed set into skew.k and keeps keep // k of each."""
+    if skew["k"] > skew["size"]:
+        return [f"skew.k = {skew['k']}: must be <= skew.size ({skew['size']})"]
+    if skew["keep"] < skew["k"]:
+        return [
+            f"skew.keep = {skew['keep']}: the cluster-balanced arm keeps skew.keep // skew.k = 0 "
+            f"images per cluster; must be >= skew.k ({skew['k']})"
+        ]
+    return []
+
+
+def _fashion_skew_problems(skew: dict[str, Any]) -> list[str]:
+    classes = FASHION_MNIST["classes"]
+    problems = [
+        f"skew.minority_classes.{i} = {label}: fashion-mnist's labels are 0..{classes - 1}"
+        for i, label in enumerate(skew["minority_classes"])
+        if label >= classes
+    ]
+    if "label-balanced" in skew["arms"] and skew["keep"] < classes:
         problems.append(
-            "evaluate.features includes 'inception' but evaluate.inception_weights = null: "
-            "give the path of clean-fid's inception-2015-12-05.pt (no downloads here)"
+            f"skew.keep = {skew['keep']}: the label-balanced arm keeps skew.keep // {classes} = 0 "
+            f"images per class; must be >= {classes} (fashion-mnist's classes)"
         )
     return problems
 
 
-def _model_problems(train: dict[str, Any], sample: dict[str, Any]) -> list[str]:
+def _model_problems(params: dict[str, Any]) -> list[str]:
     """DiT's keys and class conditioning (defaults as in diffusion.DEFAULTS)."""
-    problems = []
+    train, sample, problems = params["train"], params["sample"], []
     conditional = train.get("conditional", False)
     if conditional and train["model"] != "dit":
         problems.append(
             f"train.conditional = true: needs train.model dit (the {train['model']} is "
             "unconditional)"
         )
-    if train["model"] == "dit" and train.get("dit_size", "S/2") == "custom":
+    if train["model"] == "dit" and train.get("dit_size", TRAIN_DEFAULTS["dit_size"]) == "custom":
         dit = train.get("dit")
         if dit is None:
             problems.append(
@@ -148,13 +318,135 @@ def _model_problems(train: dict[str, Any], sample: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _snapshot_problems(scores: dict[str, Any]) -> list[str]:
-    """Snapshots are taken every steps // snapshots steps, so there can be at most one per step."""
+def _resolution_problems(params: dict[str, Any]) -> list[str]:
+    """train.resolution against the autoencoder's down-sampling and the network's (unet, DiT)."""
+    train, autoencoder = params["train"], params["autoencoder"]
+    resolution, subject = train["resolution"], "must"
+    size = resolution
+    if train.get("space", TRAIN_DEFAULTS["space"]) == "latent":
+        if autoencoder["source"] != "train":
+            return []  # a pretrained autoencoder's factor is known once it is loaded
+        factor = 2 ** (len(autoencoder["block_channels"]) - 1)
+        if resolution % factor:
+            return [
+                f"train.resolution = {resolution}: must be divisible by the autoencoder's "
+                f"down-sampling factor 2**(len(autoencoder.block_channels)-1) = {factor}"
+            ]
+        size = resolution // factor
+        subject = f"its latents' size {size} (train.resolution // {factor}) must"
+    factor, rule = _network_factor(train)
+    if factor is None or size % factor == 0:
+        return []
+    return [f"train.resolution = {resolution}: {subject} be divisible by {rule}"]
+
+
+def _network_factor(train: dict[str, Any]) -> tuple[int | None, str]:
+    """What the network's input size must be a multiple of, and why."""
+    if train["model"] == "unet2d":
+        factor = 2 ** (len(train["block_channels"]) - 1)
+        return factor, f"2**(len(train.block_channels)-1) = {factor}"
+    size = train.get("dit_size", TRAIN_DEFAULTS["dit_size"])
+    if size != "custom":
+        return DIT_PATCH[size], f"the patch size of DiT-{size} ({DIT_PATCH[size]})"
+    dit = train.get("dit")
+    return (dit["patch"], f"train.dit.patch ({dit['patch']})") if dit else (None, "")
+
+
+def _sampling_problems(params: dict[str, Any]) -> list[str]:
+    train, steps = params["train"], params["sample"]["steps"]
+    timesteps = train.get("num_train_timesteps", TRAIN_DEFAULTS["num_train_timesteps"])
+    if train["objective"] == "ddpm" and steps > timesteps:
+        return [
+            f"sample.steps = {steps}: must be <= train.num_train_timesteps ({timesteps}) with "
+            "train.objective ddpm (DDIM steps are a subset of the training timesteps)"
+        ]
+    return []
+
+
+def _precision_problems(params: dict[str, Any]) -> list[str]:
+    """accelerate silently trains fp16 in fp32 on the CPU (bf16 autocast works there)."""
+    train = params["train"]
+    if train.get("mixed_precision") == "fp16" and train.get("device") == "cpu":
+        return [
+            "train.mixed_precision = 'fp16' with train.device = 'cpu': fp16 mixed precision needs "
+            "CUDA (on the CPU it would silently train in fp32); allowed with cpu: auto, no, bf16"
+        ]
+    return []
+
+
+def _report_problems(params: dict[str, Any]) -> list[str]:
+    """report.metric, report.metrics and report.claims.novelty_metric against evaluate's names."""
+    names = metric_names(params["evaluate"]["features"])
+    novelty = [name for name in names if name.startswith("novelty_")]
+    report = params["report"]
+    wanted = [("report.metric", report["metric"], names)]
+    wanted += [(f"report.metrics.{i}", name, names) for i, name in enumerate(report["metrics"])]
+    wanted.append(("report.claims.novelty_metric", report["claims"]["novelty_metric"], novelty))
+    return [_unknown_metric(*entry) for entry in wanted if entry[1] not in entry[2]]
+
+
+def _unknown_metric(key: str, name: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (
+        f"{key} = {name!r} is not a metric of evaluate.features{hint}; "
+        f"allowed: {', '.join(allowed)}"
+    )
+
+
+def _evaluate_problems(params: dict[str, Any]) -> list[str]:
+    evaluate = params["evaluate"]
+    if "inception" in evaluate["features"] and not evaluate.get("inception_weights"):
+        return [
+            "evaluate.features includes 'inception' but evaluate.inception_weights = null: "
+            "give the path of clean-fid's inception-2015-12-05.pt (no downloads here)"
+        ]
+    return []
+
+
+def _device_problems(params: dict[str, Any]) -> list[str]:
+    """CUDA devices asked for must be visible; torch is imported only when one is asked for."""
+    wanted = {
+        f"{section}.device": params[section]["device"]
+        for section in DEVICE_SECTIONS
+        if params[section].get("device", "auto").startswith("cuda")
+    }
+    if not wanted:
+        return []
+    visible = _cuda_devices()
     return [
-        f"scores.{snapshots} = {scores[snapshots]}: must be <= scores.{steps} ({scores[steps]})"
-        for snapshots, steps in (("num_snapshots", "steps"), ("moso_snapshots", "moso_steps"))
-        if scores[snapshots] > scores[steps]
+        f"{key} = {device!r}: {_missing_device(visible)}; use auto or cpu"
+        for key, device in wanted.items()
+        if int(device.partition(":")[2] or 0) >= visible
     ]
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _missing_device(visible: int) -> str:
+    if visible == 0:
+        return "no CUDA device is visible"
+    return f"only {visible} CUDA device(s) are visible, cuda:0 .. cuda:{visible - 1}"
+
+
+CHECKS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
+    _source_problems,
+    _study_problems,
+    _cluster_problems,
+    _score_problems,
+    _autoencoder_problems,
+    _skew_problems,
+    _model_problems,
+    _resolution_problems,
+    _sampling_problems,
+    _precision_problems,
+    _evaluate_problems,
+    _report_problems,
+)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -165,7 +457,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{key} = {value!r} is not allowed; allowed: {', '.join(map(str, arg))}"
     if kind == "type":
         expected = " or ".join(arg) if isinstance(arg, list) else arg
-        return f"{key} = {value!r} has the wrong type; expected {expected}"
+        return f"{key} = {value!r} has the wrong type; expected {expected}{_float_hint(value)}"
     if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
         return f"{key} = {value!r}: must be {op[kind]} {arg}"
@@ -185,5 +477,15 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if kind == "anyOf":
         bounds = next(s for s in arg if s.get("type") == "integer")
         upper = f" and <= {bounds['maximum']}" if "maximum" in bounds else ""
-        return f"{key} = {value!r}: must be null or an integer >= {bounds['minimum']}{upper}"
+        return (
+            f"{key} = {value!r}: must be null or an integer >= {bounds['minimum']}{upper}"
+            f"{_float_hint(value)}"
+        )
     return f"{key} = {value!r}: {error.message}"
+
+
+def _float_hint(value: Any) -> str:
+    """300.0 where an integer belongs: say how to write it."""
+    if isinstance(value, float) and value.is_integer():
+        return f" (write {int(value)}, not {value!r})"
+    return ""

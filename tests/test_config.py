@@ -1,4 +1,6 @@
 import copy
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,7 +71,10 @@ def test_default_params_are_valid():
         ({"study__seeds": []}, "study.seeds = []: needs at least 1 item(s)"),
         ({"data__source": "imagefolder"}, "data.path = null: the imagefolder source needs"),
         ({"study__baseline": False, "study__methods": []}, "study: the grid is empty"),
-        ({"evaluate__features": ["inception"]}, "evaluate.inception_weights = null"),
+        (
+            {"evaluate__features": ["classifier", "efficientnet-lite0", "inception"]},
+            "evaluate.inception_weights = null",
+        ),
         ({"study__methods": ["el2n-mid"]}, "scores.names = [] lacks el2n, which study.methods"),
         (
             {"scores__names": ["moso"], "scores__surrogates": ["full"]},
@@ -175,3 +180,39 @@ def test_score_methods_need_the_pixel_unet():
     params["train"] |= {"model": "dit", "space": "latent"}
     with pytest.raises(ConfigError, match=r"score methods \(el2n\).*allowed: model unet2d"):
         validate_params(params)
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """As Snakemake's --configfile: dicts merge recursively, the rest (lists too) is replaced."""
+    result = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+STUDIES = sorted(Path("workflow/studies").glob("*.yaml"))
+OVERLAYS = [[path] for path in STUDIES] + [
+    [Path("workflow/studies/evidence.yaml"), Path("workflow/studies/gpu.yaml")]
+]
+
+
+@pytest.mark.parametrize("overlays", OVERLAYS, ids=lambda paths: "+".join(p.stem for p in paths))
+def test_every_study_overlay_is_valid(overlays, tmp_path):
+    """CUDA is not checked: the paper's studies ask for it and may be planned on a CPU machine."""
+    result = DEFAULT
+    for path in overlays:
+        result = merged(result, yaml.safe_load(path.read_text()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(result))
+    assert load_params(tmp_path / "params.yaml", check_cuda=False) == result
+
+
+def test_validation_is_fast():
+    from diffprune import config
+
+    config._validator.cache_clear()
+    start = time.perf_counter()
+    load_params("params.yaml")
+    assert time.perf_counter() - start < 0.5
