@@ -1,7 +1,8 @@
 """Atomic writes, content hashes and provenance records.
 
-Every artifact is written to a temporary name in its destination folder and renamed into place
-when complete, so an interrupted job never leaves a half-written file behind.
+Every artifact is written to a temporary name in its destination folder, flushed to disk (fsync)
+and renamed into place when complete, and the folder's new entry is flushed too: an interrupted
+job or a power loss never leaves a half-written file behind under the final name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from diffprune import __version__
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary file (or folder, with everything in it) is fsynced before the rename and the
+    parent folder after it, so the new name never points at data that is not on disk yet.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
@@ -36,6 +41,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         tmp = Path(name)
     try:
         yield tmp
+        fsync_tree(tmp)
         if directory and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -45,6 +51,27 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         else:
             tmp.unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or a folder with every file and subfolder in it, to disk."""
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    for child in sorted(path.iterdir()):
+        fsync_tree(child)
+    fsync_directory(path)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries (names created or renamed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
