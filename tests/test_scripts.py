@@ -23,6 +23,8 @@ from diffprune import io
 from diffprune.cluster import clusters_frame, kmeans
 from diffprune.data import load_store
 from diffprune.embed import embed_images, load_embedder
+from diffprune.evaluate import class_balance, evaluate_samples
+from diffprune.features import load_feature_extractor
 from diffprune.sample import generate
 from diffprune.select import select
 from diffprune.skew import arm_ids, skewed_ids
@@ -42,7 +44,7 @@ PARAMS = tiny_params(
         "features": ["classifier", "efficientnet-lite0"], "image_size": 32, "batch_size": 64,
         "device": "cpu",
     },
-    skew={"minority_classes": [3], "minority_share": 0.1, "size": 40, "keep": 20, "k": 3},
+    skew={"minority_classes": [3], "minority_share": 0.1, "size": 40, "keep": 12, "k": 3},
 )  # fmt: skip
 
 
@@ -303,15 +305,15 @@ def test_skew_select_script_writes_each_arms_kept_set(root, stores, arm):
     if arm == "skewed":
         assert len(kept) == 40
     elif arm == "random":
-        assert len(kept) == 20
-    elif arm == "label-balanced":  # 20 // 4 classes = 5 each; the minority class has only 4
-        assert np.bincount(labels[kept], minlength=4).tolist() == [5, 5, 5, 4]
-    else:  # keep 20 of 40 with k = 3: m = min(smallest cluster, 20 // 3) from every cluster
+        assert len(kept) == 12
+    elif arm == "label-balanced":  # 12 // 4 classes = 3 each
+        assert np.bincount(labels[kept], minlength=4).tolist() == [3, 3, 3, 3]
+    else:  # keep 12 of 40 with k = 3: m = min(smallest cluster, 12 // 3) from every cluster
         clustered = manifest[manifest["cluster"] >= 0]
         assert len(clustered) == 40
-        m = min(clustered.groupby("cluster").size().min(), 20 // 3)
+        m = min(clustered.groupby("cluster").size().min(), 12 // 3)
         assert clustered[clustered["keep"]].groupby("cluster").size().tolist() == [m, m, m]
-        assert len(kept) == 3 * m and m == 6
+        assert len(kept) == 3 * m and m == 4  # not 9, as removing 0.3 instead of 0.7 would give
         assert meta["compute"]["embeddings_seconds"] == 2.0
 
 
@@ -445,7 +447,7 @@ def test_reference_and_modes_scripts_describe_each_split_in_each_feature_space(r
         assert dim is None or centroids.shape[1] == dim
 
 
-def test_evaluate_script_writes_finite_metrics_for_an_ok_run(
+def test_evaluate_script_writes_the_librarys_metrics_with_the_manifests_kept_rows(
     root, stores, manifest_path, model_dir, samples_path, classifier_path, references
 ):
     meta = manifest_path.with_suffix(".json")
@@ -487,6 +489,32 @@ def test_evaluate_script_writes_finite_metrics_for_an_ok_run(
     assert record["fd_classifier"] >= 0 and record["num_samples"] == 8
     assert sum(record["class_shares_train"]) == pytest.approx(1.0)
     assert set(record["feature_extractors"]) == {"classifier", "efficientnet_lite0"}
+    # every number is the library's, with the manifest's kept rows as the kept subset
+    extractors = {
+        feature: load_feature_extractor(
+            feature, resolution=8, classifier_path=classifier_path, image_size=32, device="cpu"
+        )
+        for feature in PARAMS["evaluate"]["features"]
+    }
+    features = PARAMS["evaluate"]["features"]
+    expected = evaluate_samples(
+        np.load(samples_path),
+        extractors=extractors,
+        test_references=dict(zip(features, references["test"], strict=True)),
+        train_references=dict(zip(features, references["train"], strict=True)),
+        modes=dict(zip(features, references["modes"], strict=True)),
+        kept_ids=np.flatnonzero(np.arange(48) % 4 == 1),
+    )
+    expected |= class_balance(
+        np.load(samples_path),
+        classifier_path=classifier_path,
+        train_labels=pd.read_parquet(stores["train"][1])["label"].to_numpy(),
+    )
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert record[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        else:
+            assert record[key] == value, key
 
 
 # ---------------------------------------------------------------------------------------- report
