@@ -67,6 +67,38 @@ def test_read_idx_rejects_bad_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
+def _tiny_fashion_mnist(folder: Path, monkeypatch) -> tuple[np.ndarray, bytes]:
+    """Gzipped train IDX files of three 28x28 images whose pixel at (r, c) is (r * 28 + c + i) %
+    256, not symmetric; the expected hashes are patched to these files' (no Debian package needed).
+    Returns the images and the raw image bytes after the header."""
+    rows, cols = np.mgrid[:28, :28]
+    images = np.stack([(rows * 28 + cols + i) % 256 for i in range(3)]).astype(np.uint8)
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    folder.mkdir()
+    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        raw = _idx_bytes(array)
+        (folder / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        sha = hashlib.sha256(raw).hexdigest()
+        monkeypatch.setitem(data.FASHION_MNIST_FILES[stem], "sha256", sha)
+    return images, _idx_bytes(images)[16:]
+
+
+def test_fashion_mnist_images_are_read_row_major(tmp_path, monkeypatch, no_debian):
+    expected, payload = _tiny_fashion_mnist(tmp_path / "fm", monkeypatch)
+    images, labels, _ = data.load_fashion_mnist("train", path=tmp_path / "fm", download=False)
+    assert images.shape == (3, 28, 28, 1)
+    for i, r, c in [(0, 0, 1), (0, 1, 0), (1, 2, 27), (2, 27, 2)]:
+        assert images[i, r, c, 0] == payload[i * 28 * 28 + r * 28 + c]  # row r, column c
+    np.testing.assert_array_equal(images[..., 0], expected)
+    np.testing.assert_array_equal(labels, [3, 1, 4])
+
+    data.build_store(
+        tmp_path / "store", source="fashion-mnist", split="train", path=tmp_path / "fm",
+        download=False, image_size=28, progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(data.load_store(tmp_path / "store").images[..., 0], expected)
+
+
 @needs_debian
 def test_load_fashion_mnist_debian():
     images, labels, sources = data.load_fashion_mnist("test", download=False)

@@ -10,7 +10,15 @@ from diffprune import io
 from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
 from diffprune.status import write_failed_model
-from diffprune.train import CHECKPOINT, _batch_labels, load_model, save_model, train
+from diffprune.train import (
+    CHECKPOINT,
+    _batch_labels,
+    _ema_decay,
+    _update_ema,
+    load_model,
+    save_model,
+    train,
+)
 
 TINY = {
     "model": "unet2d",
@@ -440,3 +448,54 @@ def test_bad_dit_inputs_raise(tmp_path):
         run_dit(tmp_path, "x", images=images())
     with pytest.raises(DataError, match="float latents"):
         run_dit(tmp_path, "x", latents=latents()[:, :, :, :6])
+
+
+# ------------------------------------------------------------------------------------------- EMA
+class OneWeight(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([value]))
+
+
+def test_ema_update_moves_the_average_a_share_of_one_minus_decay_towards_the_weights():
+    ema, model = OneWeight(2.0), OneWeight(4.0)
+    _update_ema(ema, model, decay=0.75)
+    assert ema.w.item() == 2.5  # 0.75 * 2 + 0.25 * 4 (the other way round would give 3.5)
+    assert model.w.item() == 4.0  # the trained weights are left alone
+    _update_ema(ema, model, decay=0.5)
+    assert ema.w.item() == 3.25
+
+
+@pytest.mark.parametrize(
+    ("step", "decay"),
+    [(0, 1 / 10), (1, 2 / 11), (10, 11 / 20), (1000, 1001 / 1010), (1990, 0.995), (10**6, 0.995)],
+)
+def test_ema_decay_warms_up_as_diffusers_then_stays_at_the_configured_decay(step, decay):
+    assert _ema_decay({"ema_decay": 0.995}, step) == pytest.approx(decay, rel=1e-12)
+
+
+def test_trained_model_is_the_ema_of_the_raw_weights_of_every_step(tmp_path):
+    """Replay the EMA by hand from the raw weights after each step (seen through on_snapshot);
+    ema_decay 0.3 makes steps 1-2 warm-up steps ((1 + s) / (10 + s) < 0.3) and 3-6 capped ones."""
+    cfg = tiny(ema_decay=0.3)
+    raw, emas = [], []
+
+    def record(step, model, ema):
+        raw.append({k: v.detach().double().clone() for k, v in model.state_dict().items()})
+        emas.append({k: v.detach().double().clone() for k, v in ema.state_dict().items()})
+
+    run(tmp_path, "a", cfg=cfg, snapshot_every=1, on_snapshot=record)
+    assert len(raw) == cfg["steps"]
+    torch.manual_seed(0)  # the run's initial weights: train seeds with `seed` before building
+    expected = {k: v.double() for k, v in build_model(cfg, in_channels=1).state_dict().items()}
+    for step, weights in enumerate(raw, start=1):
+        decay = min(0.3, (1 + step) / (10 + step))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+        for name, value in expected.items():
+            torch.testing.assert_close(emas[step - 1][name], value, rtol=1e-5, atol=1e-6)
+    saved = state_of(tmp_path / "a" / "model")
+    assert saved.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name].double(), value, rtol=1e-5, atol=1e-6)
+    # the EMA is not simply the last raw weights (the replay above would then prove little)
+    assert any(not torch.allclose(raw[-1][k], expected[k]) for k in expected)
