@@ -12,6 +12,7 @@ Every arm trains for the same number of steps (the paper's equal-budget rule).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -98,7 +99,9 @@ def arm_ids(
         return np.sort(skewed[np.concatenate(picked)]), None
     clustering = kmeans(embeddings[skewed], k=k, iterations=iterations, seed=seed)
     clusters = clusters_frame(clustering).assign(sample_id=skewed)
-    manifest = select("cluster-balanced", 1 - keep / len(skewed), clusters=clusters, seed=seed)
+    manifest = select(
+        "cluster-balanced", _removed_fraction(keep, len(skewed)), clusters=clusters, seed=seed
+    )
     return manifest.loc[manifest["keep"], "sample_id"].to_numpy(), clusters
 
 
@@ -123,3 +126,10 @@ def balance(
         "kl_to_uniform": kl_divergence(np.full(num_classes, 1 / num_classes), shares),
         "minority_share": float(shares[list(minority_classes)].sum()),
     }
+
+
+def _removed_fraction(keep: int, n: int) -> float:
+    """The ratio that makes `select` keep `keep` of `n`. `select` floors n * (1 - ratio) exactly
+    from the ratio's decimal text, so 1 - 30/90 (0.6666666666666667) would keep 29: round the
+    removed fraction down to 12 decimals instead, which keeps `keep` for any n below 10**11."""
+    return math.floor((n - keep) / n * 10**12) / 10**12

@@ -104,12 +104,6 @@ def test_cluster_balanced_arm_on_a_subset_keeps_the_same_number_from_every_clust
     assert (manifest.loc[manifest["keep"]].groupby("cluster").size() == 7).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: arm_ids passes the removed fraction as the float 1 - keep/size, and select "
-    "floors N * (1 - Fraction(str(ratio))): keep 30 of 90 gives 1 - 0.6666666666666667, "
-    "floor(29.99...) = 29 in all, m = 9 per cluster, 27 kept instead of 30",
-)
 def test_cluster_balanced_arm_keeps_keep_samples_when_keep_over_size_is_not_a_short_decimal():
     embeddings, labels = blobs([30, 30, 30], seed=1)
     kept, _ = arm_ids(
