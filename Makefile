@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps run study-evidence study-gpu study-latent test lint bench dvc-repro help
+.PHONY: setup data-deps run study-evidence study-gpu study-latent test lint bench dvc-repro push pull help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -62,3 +62,15 @@ bench: setup  ## benchmarks, written under results/bench/
 
 dvc-repro: setup  ## the same study through DVC
 	$(BIN)/dvc repro
+
+# The remote is .dvc/config's `storage` (../diffprune-dvc-remote unless `dvc remote modify --local`
+# points it elsewhere). --run-cache also sends DVC's record of each stage run, so `dvc repro` and
+# `dvc exp run` elsewhere can restore an unchanged stage's outputs instead of recomputing them.
+push: setup  ## send every DVC-tracked artifact (and the run cache) to the DVC remote
+	$(BIN)/dvc push --run-cache
+
+# dvc pull writes the artifacts with new modification times; --touch tells Snakemake they are up to
+# date (as after `make run`), so neither tool recomputes anything.
+pull: setup  ## fetch every artifact of this commit from the DVC remote; nothing left to rerun
+	$(BIN)/dvc pull
+	$(BIN)/snakemake --cores all --touch --quiet
