@@ -39,14 +39,6 @@ RESOLUTION = 16
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def images(n=40, seed=0, size=16, channels=1):
     """Smooth random images (blocky 4x4 patterns blurred up), which an autoencoder can learn."""
     rng = np.random.default_rng(seed)

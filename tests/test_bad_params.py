@@ -1,7 +1,6 @@
 """Every bad configuration that can be caught before the first job is caught by validate_params,
 with one line that names the key, the bad value and what is allowed."""
 
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,9 +12,8 @@ import yaml
 from diffprune import config
 from diffprune.config import load_params, metric_names, validate_params
 from diffprune.errors import ConfigError
+from tests.test_config import DELETE, params
 
-DEFAULT = load_params("params.yaml")
-DELETE = object()
 CLASSIFIER_FREE = {
     "evaluate.features": ["efficientnet-lite0"],
     "report.metric": "fd_efficientnet_lite0",
@@ -28,17 +26,7 @@ LATENT = {"train.space": "latent", "autoencoder.source": "train"}
 
 def with_changes(changes: dict) -> dict:
     """The default params with dotted keys set (DELETE removes the key)."""
-    result = copy.deepcopy(DEFAULT)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = result
-        for key in parents:
-            node = node[key]
-        if value is DELETE:
-            del node[last]
-        else:
-            node[last] = value
-    return result
+    return params(**{key.replace(".", "__"): value for key, value in changes.items()})
 
 
 def case(key, value, expected, shown=None, **context):
