@@ -129,12 +129,12 @@ def kmeans(
         raise ConfigError(f"unknown k-means backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "float64" if n * k * dim <= EXACT_MAX_WORK else "faiss"
+    gpu = _use_gpu(device)  # validates `device` on both paths; float64 always runs on the CPU
 
     start = time.perf_counter()
     if backend == "float64":
         centroids, assignments, done = _lloyd64(x, k, iterations, seed, init)
     else:
-        gpu = _use_gpu(device)
         centroids = _faiss_centroids(x, k, iterations, seed, init, gpu).astype(np.float64)
         assignments = _assign_filled(x, centroids)
         done, backend = iterations, "faiss-gpu" if gpu else "faiss-cpu"
