@@ -168,7 +168,8 @@ def machine() -> dict[str, object]:
         "cpu": cpu,
         "cpu_simd": sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c"))),
         "faiss": faiss.__version__,
-        "faiss_simd": faiss.SIMDConfig.get_level_name(),
+        # older faiss builds (some GPU wheels) have no SIMDConfig
+        "faiss_simd": faiss.SIMDConfig.get_level_name() if hasattr(faiss, "SIMDConfig") else None,
         "faiss_gpus": faiss.get_num_gpus(),
         "numpy": np.__version__,
     }
