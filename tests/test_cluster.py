@@ -1,4 +1,5 @@
 import hashlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -317,3 +318,17 @@ def test_cluster_script_records_init_backend_and_machine(tmp_path, init):
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "clusters.parquet"), clusters_frame(expected)
     )
+
+
+def test_bench_kmeans_rows_have_the_table_columns():
+    spec = importlib.util.spec_from_file_location("bench_kmeans", REPO / "benchmarks" / "kmeans.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.bench_kmeans(
+        n=3000, dim=16, k=20, iterations=1, default_n=300, default_dim=8, default_k=3
+    )
+    assert len(rows) == 3
+    for row in rows:
+        assert list(row) == ["benchmark", "baseline", "value", "baseline_value", "ratio", "machine"]
+        assert row["value"] > 0 and row["baseline_value"] > 0
+        assert row["ratio"] == pytest.approx(row["baseline_value"] / row["value"])
