@@ -1,10 +1,10 @@
-"""Snakemake script for rule `cluster`: faiss k-means on the embeddings."""
+"""Snakemake script for rule `cluster`: k-means on the embeddings (diffprune.cluster)."""
 
 import faiss
 import numpy as np
 
 from diffprune import io
-from diffprune.cluster import clusters_frame, kmeans
+from diffprune.cluster import clusters_frame, kmeans, machine
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
@@ -27,6 +27,10 @@ io.save_json(
     {
         "k": cfg["k"],
         "init": cfg.get("init", "k-means++"),
+        # float64: the same clusters on any CPU; faiss-*: float32, may differ across machines
+        "backend": clustering.backend,
+        "iterations_run": clustering.iterations,
+        "machine": machine(),
         "cluster_sizes": sizes.tolist(),
         "seconds": clustering.seconds,
         "embedder": io.load_json(snakemake.input.embeddings_meta)["model"],
