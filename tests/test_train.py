@@ -316,7 +316,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (err.value.step, err.value.last_good_step) == (5, 3)
     assert_good_checkpoint(checkpoint, 3)
     assert not (tmp_path / "x" / "model").exists()
-    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [CHECKPOINT]  # no temporary
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [CHECKPOINT, "lock"]  # no temporary
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
