@@ -152,11 +152,12 @@ def _read(path: Path) -> dict[str, Any] | None:
         if aside.exists():
             aside = aside.with_name(f"{aside.name}-{os.getpid()}")
         os.replace(path, aside)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
         log.warning(
-            "checkpoint %s is unreadable (%s: %s); moved it to %s and resume from an older "
-            "checkpoint or from the start",
-            path, type(err).__name__, reason, aside.name,
+            "checkpoint %s is unreadable (%s); moved it to %s and resume from an older checkpoint "
+            "or from the start",
+            path, reason, aside.name,
         )  # fmt: skip
         return None
     return state

@@ -5,7 +5,9 @@ of classes. In latent space (train.space: latent) it trains on the kept rows' ca
 scaled by the autoencoder's measured factor, and records how to decode them.
 
 A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
-goes on and the report shows the failure; the last good checkpoint stays for a look.
+goes on and the report shows the failure; the last good checkpoint stays for a look. The job
+stops itself when the Snakemake process that started it dies (diffprune.logs.stop_when_orphaned):
+a killed Snakemake leaves no training behind that a rerun would run beside.
 """
 
 import logging
@@ -17,11 +19,12 @@ import pandas as pd
 from diffprune.autoencoder import autoencoder_info, load_latents
 from diffprune.data import load_store
 from diffprune.errors import TrainingDiverged
-from diffprune.logs import setup
+from diffprune.logs import setup, stop_when_orphaned
 from diffprune.status import write_failed_model
 from diffprune.train import train
 
 setup(snakemake.log[0], threads=snakemake.threads)
+stop_when_orphaned()
 store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
 manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep"])
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
