@@ -14,14 +14,19 @@ from pathlib import Path
 
 
 def setup(log_path: str | os.PathLike | None = None, *, threads: int | None = None) -> None:
-    """Log INFO to stderr and to the rule's log file; pin torch to the job's thread count."""
+    """Log INFO to stderr and to the rule's log file; pin torch to the job's thread count.
+
+    Under a distributed launcher (diffprune.launch) every process appends to the log file that
+    the job's first process started, each line naming its process (rank)."""
+    launched = "LOCAL_RANK" in os.environ
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        handlers.append(logging.FileHandler(log_path, mode="a" if launched else "w"))
+    rank = f" rank {os.environ.get('RANK', '0')}" if launched else ""
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s{rank} %(levelname)s %(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
@@ -98,7 +103,7 @@ def _engine_chain() -> list[tuple[int, str | None]]:
         if stat is None:
             break
         chain.append((pid, stat[1]))
-        if "snakemake" in _cmdline(pid):
+        if _is_snakemake(_cmdline(pid)):
             return chain
         pid = stat[0]
     parent = os.getppid()
@@ -123,10 +128,15 @@ def _stat(pid: int) -> tuple[int, str, str] | None:
     return int(fields[1]), fields[19], fields[0]
 
 
-def _cmdline(pid: int) -> str:
+def _cmdline(pid: int) -> list[str]:
     try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
+        return []
+    return raw.decode(errors="replace").split("\0")
+
+
+def _is_snakemake(argv: list[str]) -> bool:
+    """`snakemake ...`, `python .../bin/snakemake ...` or `python -m snakemake ...` (not a job's
+    script, which Snakemake keeps under .snakemake/scripts/)."""
+    return any(Path(arg).name == "snakemake" for arg in argv[:3])

@@ -3,8 +3,8 @@
 Every run takes the same number of optimiser steps (``cfg["steps"]``, the paper's rule), whatever
 the subset size. Each step draws ``batch_size`` images uniformly WITH replacement from the subset
 (no epochs), plus noise and timesteps, and for a DiT the label dropout, all from a CPU generator
-seeded by (seed, process, step): a step's batch depends on nothing else, which makes resuming
-exact without saving sampler state.
+seeded by (seed, step): a step's batch depends on nothing else, which makes resuming exact without
+saving sampler state, and N processes train on the same batches as one.
 
 Inputs: uint8 ``images`` (pixel space, resized to train.resolution), or float ``latents`` (N, C, h,
 w) that an autoencoder made and the caller already multiplied by its scale factor; then ``latent``
@@ -38,11 +38,14 @@ written atomically as one folder. ``load_model`` reads it back, and refuses a fa
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
 calls ``train()`` runs data-parallel when started with
-``accelerate launch --multi_gpu --num_processes N script.py`` (a Snakemake rule does this with a
-``shell:`` directive, since ``script:`` runs Python itself). ``cfg["batch_size"]`` is the GLOBAL
-batch, split evenly over the processes, each drawing its own batches; only the main process logs,
-calls ``on_snapshot`` and writes checkpoints and the final model. Mixed precision (accelerate's
-autocast): ``"auto"`` is bf16 on CUDA and off on CPU; the loss itself is computed in float32.
+``accelerate launch --multi_gpu --num_processes N script.py`` (the train rule does this for
+``train.num_processes: N``, see workflow/scripts/train.py; on a machine without CUDA the
+processes train on the CPU, gloo backend). ``cfg["batch_size"]`` is the GLOBAL batch: every
+process draws the same global batch and trains on its slice (``batch_size / N`` rows), and the
+gradients are averaged, so N processes follow one process up to floating-point summation order.
+Only the main process logs, calls ``on_snapshot`` and writes checkpoints and the final model; a
+checkpoint resumes with the same number of processes. Mixed precision (accelerate's autocast):
+``"auto"`` is bf16 on CUDA and off on CPU; the loss itself is computed in float32.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ def train(
             f"train.batch_size {cfg['batch_size']} must be divisible by the {world} processes"
         )
     local_batch = cfg["batch_size"] // world
+    mine = slice(rank * local_batch, (rank + 1) * local_batch)  # this process's rows of a batch
     set_seed(seed)  # python, numpy and torch global RNGs: model initialisation
 
     # One process at a time trains a run: a rerun refuses while an orphaned job still trains.
@@ -174,7 +178,11 @@ def train(
             num_processes=world,
         )
         checkpoint = Path(checkpoint_dir) / CHECKPOINT
-        state = checkpoints.load(checkpoint_dir, key)
+        # the main process first: it moves an unreadable checkpoint aside before the others read
+        state = checkpoints.load(checkpoint_dir, key) if main else None
+        accelerator.wait_for_everyone()
+        if not main:
+            state = checkpoints.load(checkpoint_dir, key)
         first_step, history, past_seconds, last_good = 0, [], 0.0, None
         if state is not None:
             model.load_state_dict(state["model"])
@@ -205,8 +213,9 @@ def train(
         )
         with _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live:
             for step in bar:
-                generator = _step_generator(seed, rank, step)
-                rows = torch.randint(0, n_images, (local_batch,), generator=generator)
+                # every process draws the global batch and trains on its own slice of it
+                generator = _step_generator(seed, step)
+                rows = torch.randint(0, n_images, (cfg["batch_size"],), generator=generator)
                 x0 = data[rows.to(device)]
                 noise, timesteps = draw(x0, scheduler, generator=generator)
                 class_labels = None
@@ -217,13 +226,13 @@ def train(
                         null=null,
                         dropout=cfg["label_dropout"],
                         generator=generator,
-                    ).to(device)
+                    ).to(device)[mine]
                 loss = per_sample_loss(
                     model,
                     scheduler,
-                    x0,
-                    noise=noise,
-                    timesteps=timesteps,
+                    x0[mine],
+                    noise=noise[mine],
+                    timesteps=timesteps[mine],
                     objective=cfg["objective"],
                     class_labels=class_labels,
                 ).mean()
@@ -456,9 +465,11 @@ def _sha256(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, process, step)."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step). (The 0 in its seed sequence was the
+    process index when each process drew its own batch; kept, so one-process runs draw as
+    before.)"""
+    state = np.random.SeedSequence([seed, 0, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
