@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from diffprune import checkpoints, io
+from diffprune import checkpoints, io, logs
 from diffprune.config import validate_params
 from diffprune.data import load_store
 from diffprune.errors import ConfigError
@@ -168,7 +168,7 @@ def test_truncated_model_and_store_are_refused_with_the_file_named(tmp_path):
     "damage",
     [
         pytest.param(lambda p: p.write_bytes(b""), id="empty"),
-        pytest.param(lambda p: p.write_bytes(b"\x80\x04garbage" * 10), id="garbage"),
+        pytest.param(lambda p: p.write_bytes(b"neither a zip nor a pickle"), id="garbage"),
         pytest.param(lambda p: torch.save({"weights": torch.zeros(2)}, p), id="not-a-checkpoint"),
     ],
 )
@@ -457,3 +457,17 @@ def test_orphan_watchdog_watches_its_parent_outside_snakemake(tmp_path):
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     wait_for(lambda: marker.with_suffix(".stopped").exists(), timeout=10, what="the child to stop")
+
+
+@pytest.mark.parametrize(
+    ("argv", "engine"),
+    [
+        (["/venv/bin/python", "/venv/bin/snakemake", "--cores", "all"], True),
+        (["snakemake", "-n"], True),
+        (["python3", "-m", "snakemake", "--cores", "1"], True),
+        (["/venv/bin/python", "/work/.snakemake/scripts/tmpab12.train.py"], False),
+        (["python", "-m", "pytest", "tests/test_snakemake_like.py"], False),
+    ],
+)
+def test_the_engine_is_snakemake_itself_not_a_job_script(argv, engine):
+    assert logs._is_snakemake(argv) is engine

@@ -10,9 +10,11 @@ import yaml
 from diffusers import DDPMPipeline
 
 from diffprune import io
+from diffprune.config import load_params, validate_params
 from diffprune.data import load_store
 from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from diffprune.launch import accelerate_command, is_main
 from diffprune.status import write_failed_model
 from diffprune.train import (
     CHECKPOINT,
@@ -23,8 +25,8 @@ from diffprune.train import (
     save_model,
     train,
 )
+from tests.test_faults import REPO, WEIGHTS, finish, training_pid
 from tests.test_faults import TINY as FAULT_TINY
-from tests.test_faults import WEIGHTS, finish, training_pid
 from tests.test_faults import project as project  # a fixture
 from tests.test_faults import snakemake as fault_snakemake
 
@@ -552,3 +554,22 @@ def test_two_processes_train_as_one_and_resume_to_the_same_bytes(project):
     assert curves[0]["step"].tolist() == curves[1]["step"].tolist() == list(range(1, 31))
     assert curves[0]["loss"].iloc[0] == pytest.approx(curves[1]["loss"].iloc[0], rel=1e-6)
     assert record["final_loss"] == pytest.approx(one["final_loss"], rel=0.2)
+
+
+def test_accelerate_command_runs_the_file_on_n_processes_of_this_machine(tmp_path, monkeypatch):
+    command = accelerate_command(tmp_path / "job.py", num_processes=4)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in command
+    assert command[command.index("--num_processes") + 1] == "4"
+    assert command[command.index("--main_process_port") + 1] == "0"  # a free port
+    assert command[-1] == str((tmp_path / "job.py").resolve())
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main()
+
+
+def test_batch_size_must_split_evenly_over_the_processes():
+    params = load_params(REPO / "params.yaml", check_cuda=False)
+    params["train"]["num_processes"] = 3
+    with pytest.raises(ConfigError, match=r"must be divisible by train.num_processes \(3\)"):
+        validate_params(params)
