@@ -50,15 +50,15 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from diffprune import io
+from diffprune import checkpoints, io
 from diffprune.data import to_model_input, to_uint8
 from diffprune.device import resolve_device
-from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from diffprune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 INFO = "autoencoder.json"
-CHECKPOINT = "latest.pt"
+CHECKPOINT = checkpoints.LATEST
 SOURCES = ("train", "pretrained")
 LOSSES = ("mse", "l1")
 # Optional keys of params["autoencoder"] and their values when absent.
@@ -211,7 +211,8 @@ def train_autoencoder(
 
     With `checkpoint_dir`, the state is saved every `checkpoint_every` steps and at the end, and a
     new call resumes from it when it belongs to the same run; it is deleted once `out_dir` is
-    written. Returns the autoencoder.json record. Raises `TrainingDiverged` on a non-finite loss.
+    written. Returns the autoencoder.json record. Raises `TrainingDiverged` on a non-finite loss
+    or non-finite weights.
     """
     start = time.perf_counter()
     cfg = resolve_config({**cfg, "source": "train"})
@@ -256,11 +257,12 @@ def train_autoencoder(
         if step % LOG_EVERY == 0 or step == cfg["steps"] or save_now:
             mean_loss = (running / count).item()
             if not math.isfinite(mean_loss):
-                kept = f"step {last_good}'s checkpoint is kept" if last_good else "no checkpoint"
-                raise TrainingDiverged(
-                    f"autoencoder training diverged at step {step}: mean loss {mean_loss}; {kept}",
-                    step=step,
-                    last_good_step=last_good,
+                raise checkpoints.diverged(
+                    step,
+                    f"mean loss {mean_loss}",
+                    last_good=last_good,
+                    checkpoint=checkpoint,
+                    name="autoencoder training",
                 )
             running.zero_()
             count = 0
@@ -268,6 +270,14 @@ def train_autoencoder(
             bar.set_postfix(loss=f"{mean_loss:.4g}")
             log.info("step %d/%d loss %.5g", step, cfg["steps"], mean_loss)
         if checkpoint is not None and (save_now or step == cfg["steps"]):
+            if not checkpoints.all_finite(ae):
+                raise checkpoints.diverged(
+                    step,
+                    "non-finite weights",
+                    last_good=last_good,
+                    checkpoint=checkpoint,
+                    name="autoencoder training",
+                )
             wall = past_seconds + time.perf_counter() - start
             _save_checkpoint(checkpoint, key, step, ae, optimizer, history, wall)
             last_good = step
@@ -284,7 +294,7 @@ def train_autoencoder(
     }
     summary = _save(ae, out_dir, record, cfg=cfg, seed=seed, start=start - past_seconds)
     if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+        checkpoints.remove(checkpoint.parent)
     return summary
 
 
@@ -604,12 +614,11 @@ def _resume(
 ) -> tuple[int, list[tuple[int, float]], float]:
     """Load this run's checkpoint into `ae` and `optimizer`, if there is one: (step, loss
     history, wall seconds so far); (0, [], 0.0) otherwise."""
-    state = _load_checkpoint(checkpoint, key, steps=steps) if checkpoint is not None else None
+    state = checkpoints.load(checkpoint.parent, key, max_step=steps) if checkpoint else None
     if state is None:
         return 0, [], 0.0
     ae.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming from %s at step %d", checkpoint, state["step"])
     return state["step"], [tuple(row) for row in state["history"]], state["wall_seconds"]
 
 
@@ -622,20 +631,4 @@ def _save_checkpoint(path: Path, key, step, ae, optimizer, history, wall_seconds
         "history": history,
         "wall_seconds": wall_seconds,
     }
-    with io.atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    log.info("checkpoint at step %d -> %s", step, path)
-
-
-def _load_checkpoint(path: Path, key: dict, *, steps: int) -> dict | None:
-    """The checkpoint's state if it belongs to this run and is not past its last step."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    differs = sorted(name for name in key if state["key"].get(name) != key[name])
-    if state["step"] > steps:
-        differs.append(f"step {state['step']} > steps {steps}")
-    if differs:
-        log.warning("ignoring checkpoint %s: %s differ from this run; starting over", path, differs)
-        return None
-    return state
+    checkpoints.save(path.parent, state)

@@ -374,6 +374,18 @@ def _precision_problems(params: dict[str, Any]) -> list[str]:
     return []
 
 
+def _process_problems(params: dict[str, Any]) -> list[str]:
+    """train.batch_size is the global batch: each of train.num_processes trains on an equal part."""
+    train = params["train"]
+    processes = train.get("num_processes", 1)
+    if train["batch_size"] % processes:
+        return [
+            f"train.batch_size = {train['batch_size']}: must be divisible by "
+            f"train.num_processes ({processes}), the processes that share each batch"
+        ]
+    return []
+
+
 def _report_problems(params: dict[str, Any]) -> list[str]:
     """report.metric, report.metrics and report.claims.novelty_metric against evaluate's names."""
     names = metric_names(params["evaluate"]["features"])
@@ -444,6 +456,7 @@ CHECKS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
     _resolution_problems,
     _sampling_problems,
     _precision_problems,
+    _process_problems,
     _evaluate_problems,
     _report_problems,
 )

@@ -3,8 +3,8 @@
 Every run takes the same number of optimiser steps (``cfg["steps"]``, the paper's rule), whatever
 the subset size. Each step draws ``batch_size`` images uniformly WITH replacement from the subset
 (no epochs), plus noise and timesteps, and for a DiT the label dropout, all from a CPU generator
-seeded by (seed, process, step): a step's batch depends on nothing else, which makes resuming
-exact without saving sampler state.
+seeded by (seed, step): a step's batch depends on nothing else, which makes resuming exact without
+saving sampler state, and N processes train on the same batches as one.
 
 Inputs: uint8 ``images`` (pixel space, resized to train.resolution), or float ``latents`` (N, C, h,
 w) that an autoencoder made and the caller already multiplied by its scale factor; then ``latent``
@@ -17,9 +17,11 @@ null label (a table of no classes).
 Checkpoints: every ``checkpoint_every`` steps (and at the last step) the model, EMA, optimizer,
 step, torch RNG states, loss history and the run key (hash of the config, seed, image count,
 image or latent content, labels, process count) are written atomically to
-``checkpoint_dir/latest.pt``. A new call resumes from it when the key matches, else it starts over
-and logs why. The checkpoint is deleted once the final model is written (``keep_checkpoint=True``
-keeps it).
+``checkpoint_dir/latest.pt``, the one before becoming ``previous.pt`` (``diffprune.checkpoints``).
+A new call resumes from the newest readable one when the key matches, else it starts over and
+logs why; an unreadable one is moved aside. The checkpoints are deleted once the final model is
+written (``keep_checkpoint=True`` keeps them). The main process holds the checkpoint folder's lock
+while it trains: a second call for the same run refuses instead of training it concurrently.
 
 Divergence: without a host sync every step, the mean loss is checked at every log step (where it
 is synced anyway) and the model and EMA weights before every checkpoint (the last step always
@@ -36,18 +38,20 @@ written atomically as one folder. ``load_model`` reads it back, and refuses a fa
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
 calls ``train()`` runs data-parallel when started with
-``accelerate launch --multi_gpu --num_processes N script.py`` (a Snakemake rule does this with a
-``shell:`` directive, since ``script:`` runs Python itself). ``cfg["batch_size"]`` is the GLOBAL
-batch, split evenly over the processes, each drawing its own batches; only the main process logs,
-calls ``on_snapshot`` and writes checkpoints and the final model. Mixed precision (accelerate's
-autocast): ``"auto"`` is bf16 on CUDA and off on CPU; the loss itself is computed in float32.
+``accelerate launch --multi_gpu --num_processes N script.py`` (the train rule does this for
+``train.num_processes: N``, see workflow/scripts/train.py; on a machine without CUDA the
+processes train on the CPU, gloo backend). ``cfg["batch_size"]`` is the GLOBAL batch: every
+process draws the same global batch and trains on its slice (``batch_size / N`` rows), and the
+gradients are averaged, so N processes follow one process up to floating-point summation order.
+Only the main process logs, calls ``on_snapshot`` and writes checkpoints and the final model; a
+checkpoint resumes with the same number of processes. Mixed precision (accelerate's autocast):
+``"auto"`` is bf16 on CUDA and off on CPU; the loss itself is computed in float32.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -67,7 +71,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from dvclive import Live
 from tqdm.auto import tqdm
 
-from diffprune import io
+from diffprune import checkpoints, io
 from diffprune.data import to_model_input
 from diffprune.device import resolve_device
 from diffprune.diffusion import (
@@ -80,12 +84,12 @@ from diffprune.diffusion import (
     resolve_config,
     scheduler_class,
 )
-from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from diffprune.errors import ConfigError, DataError
 from diffprune.status import OK, SUMMARY, model_failure
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "latest.pt"
+CHECKPOINT = checkpoints.LATEST
 # Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint.
 RESUME_NEUTRAL = ("checkpoint_every", "log_every")
 
@@ -137,168 +141,186 @@ def train(
             f"train.batch_size {cfg['batch_size']} must be divisible by the {world} processes"
         )
     local_batch = cfg["batch_size"] // world
+    mine = slice(rank * local_batch, (rank + 1) * local_batch)  # this process's rows of a batch
     set_seed(seed)  # python, numpy and torch global RNGs: model initialisation
 
-    # Data: the whole kept subset as model input on the device, once; labels stay on the CPU.
-    if latents is None:
-        data = to_model_input(images, cfg["resolution"]).to(device)
-    else:
-        data = torch.from_numpy(np.array(latents, dtype=np.float32)).to(device)
-    n_images = data.shape[0]
-    label_table = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
-    takes_labels = MODELS[cfg["model"]].class_labels
-    null = num_classes or 0  # the null label's index: the number of classes
-
-    # Model, EMA, optimizer.
-    model = build_model(
-        cfg, in_channels=data.shape[1], sample_size=data.shape[-1], num_classes=null
-    ).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    scheduler = build_scheduler(cfg)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
-    )
-
-    # Resume from the latest checkpoint when it belongs to this run.
-    key = _run_key(
-        cfg,
-        seed=seed,
-        data=source,
-        data_name=source_name,
-        labels=labels,
-        num_classes=num_classes,
-        num_processes=world,
-    )
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT
-    state = _load_checkpoint(checkpoint, key)
-    first_step, history, past_seconds, last_good = 0, [], 0.0, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        first_step, history = state["step"], [tuple(row) for row in state["history"]]
-        past_seconds, last_good = state["wall_seconds"], state["step"]
-        log.info("resuming from %s at step %d", checkpoint, first_step)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "training %s/%s (%d parameters) on %d images for %d steps, global batch %d on %d x %s",
-        cfg["model"], cfg["objective"], n_params, n_images, cfg["steps"], cfg["batch_size"],
-        world, device,
-    )  # fmt: skip
-
-    # Loop.
+    # One process at a time trains a run: a rerun refuses while an orphaned job still trains.
     main = accelerator.is_main_process
-    running, count, loop_start = torch.zeros((), device=device), 0, time.perf_counter()
-    bar = tqdm(
-        range(first_step + 1, cfg["steps"] + 1),
-        initial=first_step,
-        total=cfg["steps"],
-        desc="train",
-        disable=not (progress and main),
-    )
-    with _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live:
-        for step in bar:
-            generator = _step_generator(seed, rank, step)
-            rows = torch.randint(0, n_images, (local_batch,), generator=generator)
-            x0 = data[rows.to(device)]
-            noise, timesteps = draw(x0, scheduler, generator=generator)
-            class_labels = None
-            if takes_labels:
-                class_labels = _batch_labels(
-                    label_table, rows, null=null, dropout=cfg["label_dropout"], generator=generator
-                ).to(device)
-            loss = per_sample_loss(
-                model,
-                scheduler,
-                x0,
-                noise=noise,
-                timesteps=timesteps,
-                objective=cfg["objective"],
-                class_labels=class_labels,
-            ).mean()
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            _update_ema(ema, accelerator.unwrap_model(model), decay=_ema_decay(cfg, step))
+    with checkpoints.run_lock(checkpoint_dir) if main else nullcontext():
+        # Data: the whole kept subset as model input on the device, once; labels stay on the CPU.
+        if latents is None:
+            data = to_model_input(images, cfg["resolution"]).to(device)
+        else:
+            data = torch.from_numpy(np.array(latents, dtype=np.float32)).to(device)
+        n_images = data.shape[0]
+        label_table = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        takes_labels = MODELS[cfg["model"]].class_labels
+        null = num_classes or 0  # the null label's index: the number of classes
 
-            running += loss.detach()
-            count += 1
-            if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-                mean_loss = accelerator.reduce(running / count, reduction="mean").item()
-                if not math.isfinite(mean_loss):
-                    raise _diverged(
-                        step,
-                        f"mean loss {mean_loss} since step {step - count}",
-                        last_good=last_good,
-                        checkpoint=checkpoint,
-                    )
-                running.zero_()
-                count = 0
-                history.append((step, mean_loss))
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                log.info("step %d/%d loss %.5f", step, cfg["steps"], mean_loss)
-                if live is not None:
-                    _log_loss(live, step, mean_loss)
-            if on_snapshot is not None and snapshot_every and step % snapshot_every == 0 and main:
-                on_snapshot(step, accelerator.unwrap_model(model), ema)
-            if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
-                # every process checks its own copy (identical weights), so all raise together
-                if not _all_finite(accelerator.unwrap_model(model), ema):
-                    raise _diverged(
-                        step,
-                        "non-finite model or EMA weights",
-                        last_good=last_good,
-                        checkpoint=checkpoint,
-                    )
-                if main:
-                    _save_checkpoint(
-                        checkpoint,
-                        key=key,
-                        step=step,
-                        model=accelerator.unwrap_model(model),
-                        ema=ema,
-                        optimizer=optimizer,
-                        scaler=accelerator.scaler,
-                        history=history,
-                        wall_seconds=past_seconds + time.perf_counter() - start_time,
-                    )
-                last_good = step
-                accelerator.wait_for_everyone()
-    loop_seconds = time.perf_counter() - loop_start
+        # Model, EMA, optimizer.
+        model = build_model(
+            cfg, in_channels=data.shape[1], sample_size=data.shape[-1], num_classes=null
+        ).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        scheduler = build_scheduler(cfg)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
+        )
 
-    # Final EMA weights and summary.
-    summary = {
-        "status": OK,
-        "cfg": cfg,
-        "seed": seed,
-        "n_images": n_images,
-        f"{source_name}_sha256": key[f"{source_name}_sha256"],
-        "num_classes": num_classes,
-        "labels_sha256": key["labels_sha256"],
-        "latent": latent,
-        "steps": cfg["steps"],
-        "resumed_from_step": first_step,
-        "steps_per_second": (cfg["steps"] - first_step) / loop_seconds if loop_seconds else None,
-        "wall_seconds": past_seconds + time.perf_counter() - start_time,
-        "final_loss": history[-1][1] if history else None,
-        "device": str(device),
-        "mixed_precision": accelerator.mixed_precision,
-        "num_processes": world,
-        "parameters": n_params,
-        "code_version": io.code_version(),
-    }
-    if main:
-        save_model(ema, scheduler, out_dir, cfg=cfg, summary=summary)
-        if not keep_checkpoint:
-            checkpoint.unlink(missing_ok=True)
-        log.info("wrote %s (final loss %s)", out_dir, summary["final_loss"])
-    accelerator.wait_for_everyone()
-    return summary
+        # Resume from the latest checkpoint when it belongs to this run.
+        key = _run_key(
+            cfg,
+            seed=seed,
+            data=source,
+            data_name=source_name,
+            labels=labels,
+            num_classes=num_classes,
+            num_processes=world,
+        )
+        checkpoint = Path(checkpoint_dir) / CHECKPOINT
+        # the main process first: it moves an unreadable checkpoint aside before the others read
+        state = checkpoints.load(checkpoint_dir, key) if main else None
+        accelerator.wait_for_everyone()
+        if not main:
+            state = checkpoints.load(checkpoint_dir, key)
+        first_step, history, past_seconds, last_good = 0, [], 0.0, None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            if accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            first_step, history = state["step"], [tuple(row) for row in state["history"]]
+            past_seconds, last_good = state["wall_seconds"], state["step"]
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(
+            "training %s/%s (%d parameters) on %d images for %d steps, global batch %d on %d x %s",
+            cfg["model"], cfg["objective"], n_params, n_images, cfg["steps"], cfg["batch_size"],
+            world, device,
+        )  # fmt: skip
+
+        # Loop.
+        running, count, loop_start = torch.zeros((), device=device), 0, time.perf_counter()
+        bar = tqdm(
+            range(first_step + 1, cfg["steps"] + 1),
+            initial=first_step,
+            total=cfg["steps"],
+            desc="train",
+            disable=not (progress and main),
+        )
+        with _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live:
+            for step in bar:
+                # every process draws the global batch and trains on its own slice of it
+                generator = _step_generator(seed, step)
+                rows = torch.randint(0, n_images, (cfg["batch_size"],), generator=generator)
+                x0 = data[rows.to(device)]
+                noise, timesteps = draw(x0, scheduler, generator=generator)
+                class_labels = None
+                if takes_labels:
+                    class_labels = _batch_labels(
+                        label_table,
+                        rows,
+                        null=null,
+                        dropout=cfg["label_dropout"],
+                        generator=generator,
+                    ).to(device)[mine]
+                loss = per_sample_loss(
+                    model,
+                    scheduler,
+                    x0[mine],
+                    noise=noise[mine],
+                    timesteps=timesteps[mine],
+                    objective=cfg["objective"],
+                    class_labels=class_labels,
+                ).mean()
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+                _update_ema(ema, accelerator.unwrap_model(model), decay=_ema_decay(cfg, step))
+
+                running += loss.detach()
+                count += 1
+                if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                    mean_loss = accelerator.reduce(running / count, reduction="mean").item()
+                    if not math.isfinite(mean_loss):
+                        raise checkpoints.diverged(
+                            step,
+                            f"mean loss {mean_loss} since step {step - count}",
+                            last_good=last_good,
+                            checkpoint=checkpoint,
+                        )
+                    running.zero_()
+                    count = 0
+                    history.append((step, mean_loss))
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    log.info("step %d/%d loss %.5f", step, cfg["steps"], mean_loss)
+                    if live is not None:
+                        _log_loss(live, step, mean_loss)
+                if (
+                    on_snapshot is not None
+                    and snapshot_every
+                    and step % snapshot_every == 0
+                    and main
+                ):
+                    on_snapshot(step, accelerator.unwrap_model(model), ema)
+                if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+                    # every process checks its own copy (identical weights), so all raise together
+                    if not checkpoints.all_finite(accelerator.unwrap_model(model), ema):
+                        raise checkpoints.diverged(
+                            step,
+                            "non-finite model or EMA weights",
+                            last_good=last_good,
+                            checkpoint=checkpoint,
+                        )
+                    if main:
+                        _save_checkpoint(
+                            checkpoint_dir,
+                            key=key,
+                            step=step,
+                            model=accelerator.unwrap_model(model),
+                            ema=ema,
+                            optimizer=optimizer,
+                            scaler=accelerator.scaler,
+                            history=history,
+                            wall_seconds=past_seconds + time.perf_counter() - start_time,
+                        )
+                    last_good = step
+                    accelerator.wait_for_everyone()
+        loop_seconds = time.perf_counter() - loop_start
+
+        # Final EMA weights and summary.
+        summary = {
+            "status": OK,
+            "cfg": cfg,
+            "seed": seed,
+            "n_images": n_images,
+            f"{source_name}_sha256": key[f"{source_name}_sha256"],
+            "num_classes": num_classes,
+            "labels_sha256": key["labels_sha256"],
+            "latent": latent,
+            "steps": cfg["steps"],
+            "resumed_from_step": first_step,
+            "steps_per_second": (cfg["steps"] - first_step) / loop_seconds
+            if loop_seconds
+            else None,
+            "wall_seconds": past_seconds + time.perf_counter() - start_time,
+            "final_loss": history[-1][1] if history else None,
+            "device": str(device),
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": world,
+            "parameters": n_params,
+            "code_version": io.code_version(),
+        }
+        if main:
+            save_model(ema, scheduler, out_dir, cfg=cfg, summary=summary)
+            if not keep_checkpoint:
+                checkpoints.remove(checkpoint_dir)
+            log.info("wrote %s (final loss %s)", out_dir, summary["final_loss"])
+        accelerator.wait_for_everyone()
+        return summary
 
 
 def save_model(
@@ -443,9 +465,11 @@ def _sha256(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, process, step)."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step). (The 0 in its seed sequence was the
+    process index when each process drew its own batch; kept, so one-process runs draw as
+    before.)"""
+    state = np.random.SeedSequence([seed, 0, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -454,24 +478,6 @@ def _ema_decay(cfg: dict, step: int) -> float:
     weights fade quickly, which matters for short runs (a 0.995 EMA over 400 steps would
     otherwise still carry the untrained start)."""
     return min(cfg["ema_decay"], (1 + step) / (10 + step))
-
-
-def _diverged(step: int, what: str, *, last_good: int | None, checkpoint: Path) -> TrainingDiverged:
-    kept = (
-        f"the last good checkpoint (step {last_good}) is kept at {checkpoint}"
-        if last_good is not None
-        else "no checkpoint was written before it"
-    )
-    return TrainingDiverged(
-        f"training diverged at step {step}: {what}; {kept}", step=step, last_good_step=last_good
-    )
-
-
-@torch.no_grad()
-def _all_finite(*modules: torch.nn.Module) -> bool:
-    """One host sync for all parameters and buffers of `modules`."""
-    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @torch.no_grad()
@@ -496,8 +502,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _save_checkpoint(
-    path: Path, *, key, step, model, ema, optimizer, scaler, history, wall_seconds
-):
+    directory: str | os.PathLike,
+    *,
+    key,
+    step,
+    model,
+    ema,
+    optimizer,
+    scaler,
+    history,
+    wall_seconds,
+) -> None:
     state = {
         "key": key,
         "step": step,
@@ -509,21 +524,7 @@ def _save_checkpoint(
         "history": history,
         "wall_seconds": wall_seconds,
     }
-    with io.atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    log.info("checkpoint at step %d -> %s", step, path)
-
-
-def _load_checkpoint(path: Path, key: dict) -> dict | None:
-    """The checkpoint's state (tensors on the CPU; load_state_dict moves them), if it matches."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    differs = sorted(name for name in key if state["key"].get(name) != key[name])
-    if differs:
-        log.warning("ignoring checkpoint %s: %s differ from this run; starting over", path, differs)
-        return None
-    return state
+    checkpoints.save(directory, state)
 
 
 def _live(log_dir: str | os.PathLike, history: list[tuple[int, float]]) -> Live:

@@ -1,14 +1,20 @@
 import logging
+import os
+import signal
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline
 
 from diffprune import io
+from diffprune.config import load_params, validate_params
+from diffprune.data import load_store
 from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from diffprune.launch import accelerate_command, is_main
 from diffprune.status import write_failed_model
 from diffprune.train import (
     CHECKPOINT,
@@ -19,6 +25,10 @@ from diffprune.train import (
     save_model,
     train,
 )
+from tests.test_faults import REPO, WEIGHTS, finish, training_pid
+from tests.test_faults import TINY as FAULT_TINY
+from tests.test_faults import project as project  # a fixture
+from tests.test_faults import snakemake as fault_snakemake
 
 TINY = {
     "model": "unet2d",
@@ -316,7 +326,10 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (err.value.step, err.value.last_good_step) == (5, 3)
     assert_good_checkpoint(checkpoint, 3)
     assert not (tmp_path / "x" / "model").exists()
-    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [CHECKPOINT]  # no temporary
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [
+        CHECKPOINT,
+        "lock",
+    ]  # no temporary
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
@@ -499,3 +512,64 @@ def test_trained_model_is_the_ema_of_the_raw_weights_of_every_step(tmp_path):
         torch.testing.assert_close(saved[name].double(), value, rtol=1e-5, atol=1e-6)
     # the EMA is not simply the last raw weights (the replay above would then prove little)
     assert any(not torch.allclose(raw[-1][k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow  # three Snakemake jobs of two processes each (accelerate launch, gloo on CPU)
+def test_two_processes_train_as_one_and_resume_to_the_same_bytes(project):
+    """train.num_processes: 2 through the real rule's script: killed (kill -9 of the main
+    process) and rerun, it writes the bytes of an uninterrupted two-process run; it trains on the
+    batches of a one-process run, so its first loss is that run's.
+
+    Later steps are not compared weight by weight: AdamW's update is close to lr * sign(gradient)
+    where a gradient is near its eps, so the summation order of the averaged gradients moves
+    such weights by up to lr per step (measured: 5e-4 after one step at lr 2e-3, whether the
+    halves are averaged by gloo or by hand)."""
+    cfg = {**FAULT_TINY, "steps": 30, "log_every": 1, "num_processes": 2}
+    (project / "config.yaml").write_text(yaml.safe_dump({"train": cfg}))
+    engine = fault_snakemake(project, "runs/killed/s0/model")
+    os.kill(training_pid(project, "killed"), signal.SIGKILL)
+    assert engine.wait(timeout=120) != 0
+    finish(fault_snakemake(project, "runs/killed/s0/model", "--rerun-incomplete"), project)
+    finish(fault_snakemake(project, "runs/clean/s0/model"), project)
+    killed, clean = (project / "runs" / run / "s0" / "model" for run in ("killed", "clean"))
+    record = io.load_json(killed / "train.json")
+    assert record["num_processes"] == 2 and 0 < record["resumed_from_step"] < cfg["steps"]
+    assert (killed / WEIGHTS).read_bytes() == (clean / WEIGHTS).read_bytes()
+    assert record["final_loss"] == io.load_json(clean / "train.json")["final_loss"]
+
+    one = train(
+        images=np.asarray(load_store(project / "store" / "train").images),
+        cfg={**cfg, "num_processes": 1},
+        seed=0,
+        out_dir=project / "one",
+        checkpoint_dir=project / "one-checkpoints",
+        log_dir=project / "one-live",
+        progress=False,
+    )
+    assert one["num_processes"] == 1
+    curves = [
+        pd.read_csv(folder / "plots" / "metrics" / "loss.tsv", sep="\t")
+        for folder in (project / "runs" / "killed" / "s0" / "live", project / "one-live")
+    ]
+    assert curves[0]["step"].tolist() == curves[1]["step"].tolist() == list(range(1, 31))
+    assert curves[0]["loss"].iloc[0] == pytest.approx(curves[1]["loss"].iloc[0], rel=1e-6)
+    assert record["final_loss"] == pytest.approx(one["final_loss"], rel=0.2)
+
+
+def test_accelerate_command_runs_the_file_on_n_processes_of_this_machine(tmp_path, monkeypatch):
+    command = accelerate_command(tmp_path / "job.py", num_processes=4)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in command
+    assert command[command.index("--num_processes") + 1] == "4"
+    assert command[command.index("--main_process_port") + 1] == "0"  # a free port
+    assert command[-1] == str((tmp_path / "job.py").resolve())
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main()
+
+
+def test_batch_size_must_split_evenly_over_the_processes():
+    params = load_params(REPO / "params.yaml", check_cuda=False)
+    params["train"]["num_processes"] = 3
+    with pytest.raises(ConfigError, match=r"must be divisible by train.num_processes \(3\)"):
+        validate_params(params)

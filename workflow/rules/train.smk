@@ -13,7 +13,8 @@ rule train:
     threads: 1  # small models: parallel jobs beat threads; raise with --set-threads
     resources:
         mem_mb=8000,
-        gpu=1 if config["train"]["device"] != "cpu" else 0,
+        # train.num_processes > 1: the script launches itself on that many processes, one GPU each
+        gpu=config["train"].get("num_processes", 1) if config["train"]["device"] != "cpu" else 0,
         runtime=24 * 60,
     conda:
         "../envs/diffprune.yaml"

@@ -5,10 +5,16 @@ of classes. In latent space (train.space: latent) it trains on the kept rows' ca
 scaled by the autoencoder's measured factor, and records how to decode them.
 
 A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
-goes on and the report shows the failure; the last good checkpoint stays for a look.
+goes on and the report shows the failure; the last good checkpoint stays for a look. The job
+stops itself when the Snakemake process that started it dies (diffprune.logs.stop_when_orphaned):
+a killed Snakemake leaves no training behind that a rerun would run beside.
+
+With train.num_processes N > 1 this file runs itself again through `accelerate launch` on N
+processes (diffprune.launch) and waits for them; the main one writes the outputs.
 """
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +23,22 @@ import pandas as pd
 from diffprune.autoencoder import autoencoder_info, load_latents
 from diffprune.data import load_store
 from diffprune.errors import TrainingDiverged
-from diffprune.logs import setup
+from diffprune.launch import is_main, launched, relaunch
+from diffprune.logs import setup, stop_when_orphaned
 from diffprune.status import write_failed_model
 from diffprune.train import train
 
 setup(snakemake.log[0], threads=snakemake.threads)
+stop_when_orphaned()
+cfg, seed = dict(snakemake.params.train), int(snakemake.wildcards.seed)
+processes = cfg.get("num_processes", 1)
+if processes > 1 and not launched():
+    # sys.argv[0]: the file Snakemake runs, with the job in it (__file__ names the original)
+    relaunch(sys.argv[0], num_processes=processes, threads=snakemake.threads)
+    sys.exit(0)
 store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
 manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep"])
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
-cfg, seed = dict(snakemake.params.train), int(snakemake.wildcards.seed)
 conditional = cfg.get("conditional", False)
 if cfg.get("space", "pixel") == "pixel":
     data = {"images": np.asarray(store.images[kept])}
@@ -55,5 +68,8 @@ except TrainingDiverged as err:
     logging.getLogger("train").error(
         "run %s seed %d failed: %s", snakemake.wildcards.run, seed, err
     )
-    write_failed_model(snakemake.output.model, reason=str(err), cfg=cfg, seed=seed, step=err.step)
+    if is_main():  # every process raises it; one writes the record
+        write_failed_model(
+            snakemake.output.model, reason=str(err), cfg=cfg, seed=seed, step=err.step
+        )
 Path(snakemake.output.log_dir).mkdir(parents=True, exist_ok=True)  # empty if training failed early

@@ -1,0 +1,473 @@
+"""Fault matrix: each fault is injected for real, and the test checks what the workflow does.
+
+- NaN loss (huge train.lr): the run is recorded as failed by train, sample, evaluate and the
+  report, never as a number (test_nan_loss_*).
+- Truncated artifact: a truncated checkpoint is moved aside and training starts over; a
+  truncated model or store is refused by its loader (test_truncated_*). The DVC cache against a
+  damaged workspace file: tests/test_dvc_cache.py.
+- kill -9 of a training job: the rerun resumes and writes the same bytes as an uninterrupted run
+  (test_kill_9_*).
+- Bad params: every case of tests/test_bad_params.py stops Snakemake's own parse with one line
+  naming key, value and what is allowed, before any job (test_bad_params_*).
+- Corrupt checkpoint: moved aside with a warning; training resumes from previous.pt or starts
+  over (test_corrupt_*); a second training of a running run refuses.
+- Orphaned job (Snakemake killed with kill -9): the job stops itself (test_orphan*).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from diffprune import checkpoints, io, logs
+from diffprune.config import validate_params
+from diffprune.data import load_store
+from diffprune.errors import ConfigError
+from diffprune.evaluate import metrics_record
+from diffprune.report import collect, table
+from diffprune.train import load_model, train
+from tests.script_helpers import fake_snakemake, files, run_script
+from tests.test_bad_params import CASES, shown_value, with_changes
+from tests.test_scripts import PARAMS, write_store
+from tests.workflow_helpers import ENV, REPO
+
+TINY = {**PARAMS["train"], "steps": 80, "checkpoint_every": 10, "log_every": 10}
+SEED = 0
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def images(n: int = 12, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+
+
+def run(tmp_path: Path, name: str, **kwargs) -> dict:
+    cfg = {**TINY, "steps": 9, "checkpoint_every": 3, "log_every": 1}
+    kwargs = {"images": images(), "cfg": cfg, **kwargs}
+    return train(
+        seed=SEED,
+        out_dir=tmp_path / name / "model",
+        checkpoint_dir=tmp_path / name / "ckpt",
+        progress=False,
+        **kwargs,
+    )
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    return (a / WEIGHTS).read_bytes() == (b / WEIGHTS).read_bytes()
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(crash_step: int):
+    def on_snapshot(step, model, ema):
+        if step == crash_step:
+            raise Crash(f"simulated crash at step {step}")
+
+    return on_snapshot
+
+
+# --------------------------------------------------------------------------- NaN loss
+def test_nan_loss_is_a_failed_run_in_every_stage_never_a_number(tmp_path):
+    train_files = write_store(tmp_path / "store" / "train", np.repeat(np.arange(4), 3), seed=1)
+    manifest = tmp_path / "manifest.parquet"
+    io.save_parquet(manifest, pd.DataFrame({"sample_id": np.arange(12), "keep": True}))
+    model = tmp_path / "model"
+    run_script(
+        "train",
+        fake_snakemake(
+            input=files(store=train_files, manifest=manifest),
+            output=files(model=model, log_dir=tmp_path / "live"),
+            params={"train": {**PARAMS["train"], "lr": 1e6}, "checkpoints": tmp_path / "ckpt"},
+            wildcards={"run": "random_r0.5", "seed": SEED},
+            log=tmp_path / "train.log",
+        ),
+    )
+    training = io.load_json(model / "train.json")
+    assert training["status"] == "failed" and "diverged" in training["failure"]
+    assert sorted(p.name for p in model.iterdir()) == ["train.json"]  # no weights
+    run_script(
+        "sample",
+        fake_snakemake(
+            input=files(model=model),
+            output=files(samples=tmp_path / "samples.npy", grid=tmp_path / "grid.png"),
+            params={"sample": PARAMS["sample"], "device": "cpu"},
+            wildcards={"run": "random_r0.5", "seed": SEED},
+            log=tmp_path / "sample.log",
+        ),
+    )
+    samples = np.load(tmp_path / "samples.npy")
+    assert samples.size == 0
+
+    selection = {
+        "run": "random_r0.5", "method": "random", "ratio": 0.5, "seed": SEED, "n_total": 24,
+        "n_kept": 12, "kept_fraction": 0.5, "compute": {"total_seconds": 0.0},
+    }  # fmt: skip
+    record = metrics_record(
+        selection=selection,
+        training=training,
+        samples=samples,
+        compute_metrics=lambda: pytest.fail("metrics computed for a failed run"),
+    )
+    assert record["status"] == "failed" and "fd_x" not in record
+    paths = [tmp_path / "metrics" / "random_r0.5" / f"s{seed}.json" for seed in (0, 1)]
+    io.save_json(paths[0], record)
+    io.save_json(paths[1], {**record, "seed": 1, "status": "ok", "fd_x": 12.5, "failure": None})
+    cell = table(collect(paths), "fd_x").loc["random", "0.5"]
+    assert cell.startswith("12.5") and cell.endswith("(n=1), 1 failed")  # counted, not averaged
+
+
+# --------------------------------------------------------------------------- truncated artifacts
+def test_truncated_checkpoint_is_moved_aside_and_training_starts_over(tmp_path, caplog):
+    clean = run(tmp_path, "clean")
+    with pytest.raises(Crash):
+        run(tmp_path, "x", snapshot_every=1, on_snapshot=crash_at(2))
+    ckpt = tmp_path / "x" / "ckpt"
+    assert not (ckpt / checkpoints.LATEST).exists()  # nothing before step 3
+    with pytest.raises(Crash):
+        run(tmp_path, "x", snapshot_every=1, on_snapshot=crash_at(4))
+    os.truncate(ckpt / checkpoints.LATEST, 100)
+    with caplog.at_level(logging.WARNING, logger="diffprune.checkpoints"):
+        summary = run(tmp_path, "x")
+    assert summary["resumed_from_step"] == 0 and summary["final_loss"] == clean["final_loss"]
+    assert "is unreadable" in caplog.text and "moved it to latest.pt.corrupt-" in caplog.text
+    assert same_weights(tmp_path / "clean" / "model", tmp_path / "x" / "model")
+    assert [p.name.split("-")[0] for p in ckpt.glob("*.corrupt-*")] == ["latest.pt.corrupt"]
+
+
+def test_truncated_model_and_store_are_refused_with_the_file_named(tmp_path):
+    run(tmp_path, "m")
+    weights = tmp_path / "m" / "model" / WEIGHTS
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(Exception) as err:  # the loader's own error, checked below
+        load_model(tmp_path / "m" / "model")
+    assert "safetensors" in f"{type(err.value).__module__} {err.value}".lower()
+
+    store = tmp_path / "store"
+    write_store(store, np.arange(4), seed=0)
+    os.truncate(store / "images.npy", (store / "images.npy").stat().st_size - 64)
+    with pytest.raises(Exception, match=r"images\.npy|larger|size|shape"):
+        np.asarray(load_store(store).images)
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda p: p.write_bytes(b""), id="empty"),
+        pytest.param(lambda p: p.write_bytes(b"neither a zip nor a pickle"), id="garbage"),
+        pytest.param(lambda p: torch.save({"weights": torch.zeros(2)}, p), id="not-a-checkpoint"),
+    ],
+)
+def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path, caplog, damage):
+    clean = run(tmp_path, "clean")
+    with pytest.raises(Crash):
+        run(tmp_path, "x", snapshot_every=1, on_snapshot=crash_at(7))
+    ckpt = tmp_path / "x" / "ckpt"
+    assert torch.load(ckpt / checkpoints.PREVIOUS, weights_only=True)["step"] == 3
+    damage(ckpt / checkpoints.LATEST)
+    with caplog.at_level(logging.WARNING, logger="diffprune.checkpoints"):
+        summary = run(tmp_path, "x")
+    assert summary["resumed_from_step"] == 3  # previous.pt, not latest.pt (step 6)
+    assert "moved it to latest.pt.corrupt-" in caplog.text
+    assert summary["final_loss"] == clean["final_loss"]
+    assert same_weights(tmp_path / "clean" / "model", tmp_path / "x" / "model")
+    assert not (ckpt / checkpoints.LATEST).exists() and not (ckpt / checkpoints.PREVIOUS).exists()
+
+
+def test_a_second_training_of_the_same_run_is_refused_while_one_runs(tmp_path):
+    with (
+        checkpoints.run_lock(tmp_path / "x" / "ckpt"),
+        pytest.raises(checkpoints.RunLocked, match=f"pid {os.getpid()}.*is training"),
+    ):
+        run(tmp_path, "x")
+    assert not (tmp_path / "x" / "model").exists()
+    run(tmp_path, "x")  # the lock went with its holder
+    assert (tmp_path / "x" / "model" / WEIGHTS).is_file()
+
+
+# --------------------------------------------------------------------------- bad params
+def test_bad_params_cases_are_at_least_40():
+    assert len(CASES) >= 40
+
+
+PARSE = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+results = {}
+for case in sorted(Path(sys.argv[1]).iterdir()):
+    (case / "Snakefile").write_text(Path(sys.argv[2]).read_text())
+    try:
+        with SnakemakeApi(OutputSettings()) as api:
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(cores=1),
+                config_settings=ConfigSettings(),
+                snakefile=case / "Snakefile",
+                workdir=case,
+            )
+            workflow.dag()
+        results[case.name] = None
+    except Exception as err:
+        results[case.name] = f"{type(err).__name__}: {err}"
+print(json.dumps(results))
+"""
+
+
+def test_bad_params_fail_snakemakes_parse_with_one_line_before_any_job(tmp_path):
+    """Every case of tests/test_bad_params.py, written as params.yaml of a copy of the workflow
+    and parsed by Snakemake itself (its API, one process for all cases)."""
+    snakefile = tmp_path / "Snakefile"
+    text = (REPO / "Snakefile").read_text()
+    snakefile.write_text(text.replace('include: "workflow/', f'include: "{REPO}/workflow/'))
+    cases = tmp_path / "cases"
+    expected, expected_changes = {}, {}
+    for number, param in enumerate(CASES):
+        changes, key, value, message, shown = param.values
+        folder = cases / f"{number:03d}"
+        folder.mkdir(parents=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump(with_changes(changes)))
+        expected[folder.name] = (key, value, message, shown)
+        expected_changes[folder.name] = changes
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE, str(cases), str(snakefile)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = yaml.safe_load(result.stdout.splitlines()[-1])
+    assert errors.keys() == expected.keys()
+    parsed = 0
+    for name, (key, value, message, shown) in expected.items():
+        error = errors[name]
+        if checked_only_where_cuda_is_probed(expected_changes[name]):
+            assert error is None, error  # the parse also serves dry runs on machines without GPUs
+            continue
+        parsed += 1
+        assert error is not None, f"case {name} ({key} = {value!r}) was accepted"
+        assert error.startswith(f"{ConfigError.__name__}: params.yaml"), error
+        assert len(error.splitlines()) == 1 and message in error, error
+        if shown is not None:
+            assert shown in error, error
+        else:
+            assert key in error, error
+            assert any(f" = {text}" in error for text in shown_value(value)), error
+        assert not (cases / name / "data").exists() and not (cases / name / "results").exists()
+    assert parsed >= 40
+
+
+def checked_only_where_cuda_is_probed(changes: dict) -> bool:
+    """Whether a CUDA device is visible is checked by load_params (in the job), not by the parse
+    (which validates with check_cuda=False): such a case passes that validation."""
+    try:
+        validate_params(with_changes(changes))
+    except ConfigError:
+        return False
+    return True
+
+
+def test_bad_param_on_snakemakes_command_line_stops_before_any_job(tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    text = (REPO / "Snakefile").read_text()
+    snakefile.write_text(text.replace('include: "workflow/', f'include: "{REPO}/workflow/'))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "--cores", "1", "--config", "dummy=1"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "unknown key(s) dummy" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert not (tmp_path / "data").exists() and "Execute" not in result.stderr
+
+
+# --------------------------------------------------------------------------- kill -9 and orphans
+SNAKEFILE = """
+configfile: "config.yaml"
+
+rule train:
+    input:
+        store=["store/train/images.npy", "store/train/index.parquet", "store/train/store.json"],
+        manifest="manifest.parquet",
+    output:
+        model=directory("runs/{{run}}/s{{seed}}/model"),
+        log_dir=directory("runs/{{run}}/s{{seed}}/live"),
+    params:
+        train=config["train"],
+        checkpoints=lambda wildcards: f"checkpoints/{{wildcards.run}}/s{{wildcards.seed}}",
+    log:
+        "logs/{{run}}_s{{seed}}.log",
+    threads: 1
+    script:
+        "{script}"
+"""
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A one-rule Snakemake project whose rule is the real train rule's script."""
+    write_store(tmp_path / "store" / "train", np.repeat(np.arange(4), 3), seed=1)
+    manifest = pd.DataFrame({"sample_id": np.arange(12), "keep": True})
+    io.save_parquet(tmp_path / "manifest.parquet", manifest)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": TINY}))
+    script = REPO / "workflow" / "scripts" / "train.py"
+    (tmp_path / "Snakefile").write_text(SNAKEFILE.format(script=script))
+    return tmp_path
+
+
+def snakemake(project: Path, target: str, *args: str) -> subprocess.Popen:
+    """Snakemake in the background, its output in snakemake.out (a pipe nobody reads would block
+    the job once it fills)."""
+    with open(project / "snakemake.out", "a") as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "snakemake"), "--cores", "1", *args, target],
+            cwd=project,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for(condition, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def training_pid(project: Path, run: str) -> int:
+    """The training job's pid, from its checkpoint folder's lock, once its first checkpoint is
+    written."""
+    ckpt = project / "checkpoints" / run / f"s{SEED}"
+    wait_for(lambda: (ckpt / checkpoints.LATEST).exists(), timeout=120, what="the first checkpoint")
+    return int((ckpt / checkpoints.LOCK).read_text())
+
+
+def finish(process: subprocess.Popen, project: Path) -> None:
+    output = project / "snakemake.out"
+    assert process.wait(timeout=300) == 0, output.read_text()[-3000:]
+
+
+@pytest.mark.slow  # Snakemake and the train script start (torch, diffusers)
+def test_kill_9_mid_training_resumes_to_the_same_bytes(project):
+    engine = snakemake(project, f"runs/killed/s{SEED}/model")
+    job = training_pid(project, "killed")
+    os.kill(job, signal.SIGKILL)
+    assert engine.wait(timeout=60) != 0  # Snakemake saw its job die
+    assert not (project / "runs" / "killed" / f"s{SEED}" / "model").exists()
+
+    finish(snakemake(project, f"runs/killed/s{SEED}/model", "--rerun-incomplete"), project)
+    killed, clean = project / "runs" / "killed" / f"s{SEED}" / "model", project / "clean"
+    resumed = io.load_json(killed / "train.json")
+    assert 0 < resumed["resumed_from_step"] < TINY["steps"]
+    # the uninterrupted run: the same images (all rows kept), params and seed, in this process
+    uninterrupted = train(
+        images=np.asarray(load_store(project / "store" / "train").images),
+        cfg=TINY,
+        seed=SEED,
+        out_dir=clean,
+        checkpoint_dir=project / "clean-checkpoints",
+        progress=False,
+    )
+    assert same_weights(killed, clean)
+    assert resumed["final_loss"] == uninterrupted["final_loss"]
+
+
+@pytest.mark.slow  # Snakemake and the train script start (torch, diffusers)
+def test_orphaned_training_stops_when_snakemake_is_killed(project):
+    """Snakemake -> train script; kill -9 Snakemake: the job stops itself within seconds (the
+    run has 100,000 steps), leaves its run unlocked and a checkpoint to resume from."""
+    (project / "config.yaml").write_text(yaml.safe_dump({"train": {**TINY, "steps": 100_000}}))
+    engine = snakemake(project, f"runs/orphan/s{SEED}/model")
+    job = training_pid(project, "orphan")
+    engine.send_signal(signal.SIGKILL)
+    engine.wait()
+    wait_for(lambda: not alive(job), timeout=15, what=f"the orphaned job {job} to stop")
+    log = (project / "logs" / "orphan_s0.log").read_text()
+    assert f"stopping: process {engine.pid}, which started this job" in log
+    ckpt = project / "checkpoints" / "orphan" / f"s{SEED}"
+    with checkpoints.run_lock(ckpt):  # free: a rerun may train the run now
+        assert torch.load(ckpt / checkpoints.LATEST, weights_only=True)["step"] >= 10
+    assert not (project / "runs" / "orphan" / f"s{SEED}" / "model").exists()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from diffprune.logs import stop_when_orphaned
+    watched = stop_when_orphaned(interval=0.1, grace=5)
+    Path(sys.argv[1]).write_text(" ".join(map(str, watched)))
+    try:
+        time.sleep(60)
+    except SystemExit:
+        Path(sys.argv[1]).with_suffix(".stopped").write_text("stopped")
+        raise
+    """
+)
+
+
+def test_orphan_watchdog_watches_its_parent_outside_snakemake(tmp_path):
+    """Parent (no Snakemake above it) -> child; kill -9 the parent: the child stops itself."""
+    marker = tmp_path / "child.pids"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], "
+            "sys.argv[2]]); import time; time.sleep(60)",
+            CHILD,
+            str(marker),
+        ],
+        env=ENV,
+    )
+    wait_for(marker.exists, timeout=60, what="the child to start")
+    assert marker.read_text() == str(parent.pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    wait_for(lambda: marker.with_suffix(".stopped").exists(), timeout=10, what="the child to stop")
+
+
+@pytest.mark.parametrize(
+    ("argv", "engine"),
+    [
+        (["/venv/bin/python", "/venv/bin/snakemake", "--cores", "all"], True),
+        (["snakemake", "-n"], True),
+        (["python3", "-m", "snakemake", "--cores", "1"], True),
+        (["/venv/bin/python", "/work/.snakemake/scripts/tmpab12.train.py"], False),
+        (["python", "-m", "pytest", "tests/test_snakemake_like.py"], False),
+    ],
+)
+def test_the_engine_is_snakemake_itself_not_a_job_script(argv, engine):
+    assert logs._is_snakemake(argv) is engine
