@@ -37,7 +37,7 @@ METRIC_BASES = (
     "occupancy_kl",
 )  # fmt: skip
 CLASS_METRICS = ("class_kl", "class_share_min", "class_share_ratio_min")
-# Fashion-MNIST's splits and classes (data.fashion_mnist.FASHION_MNIST_FILES; checked against the files in tests).
+# Fashion-MNIST's splits and classes (data/fashion_mnist.py; checked against the files in tests).
 FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
 # Defaults of optional train keys (diffusion.DEFAULTS, DIT_SIZES), not imported so that loading
 # the config does not load torch; tests check that they agree.
