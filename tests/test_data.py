@@ -7,8 +7,10 @@ import hashlib
 import io
 import shutil
 import sys
+import tracemalloc
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,7 @@ def _tiny_fashion_mnist(folder: Path, monkeypatch) -> tuple[np.ndarray, bytes]:
         (folder / f"{stem}.gz").write_bytes(gzip.compress(raw))
         sha = hashlib.sha256(raw).hexdigest()
         monkeypatch.setitem(fashion_mnist.FASHION_MNIST_FILES[stem], "sha256", sha)
+        monkeypatch.setitem(fashion_mnist.FASHION_MNIST_SHAPES, stem, array.shape)
     return images, _idx_bytes(images)[16:]
 
 
@@ -119,6 +122,9 @@ def test_load_fashion_mnist_debian():
 @needs_debian
 def test_download_serves_official_urls_into_cache(monkeypatch, tmp_path, no_debian):
     requested = []
+    for stem in TEST_FILES:  # Debian's files stand in for the official ones: their md5, same IDX
+        md5 = hashlib.md5((DEBIAN / f"{stem}.gz").read_bytes()).hexdigest()
+        monkeypatch.setitem(fashion_mnist.FASHION_MNIST_FILES[stem], "md5", md5)
 
     def fake_urlopen(url, timeout=None):
         requested.append(url)
@@ -153,9 +159,66 @@ def test_download_with_wrong_content_leaves_nothing(monkeypatch, tmp_path, no_de
         fashion_mnist.load_fashion_mnist("test", cache_dir=cache)
     message = str(err.value)
     assert fashion_mnist.FASHION_MNIST_FILES[TEST_FILES[0]]["url"] in message
-    assert fashion_mnist.FASHION_MNIST_FILES[TEST_FILES[0]]["sha256"] in message
-    assert hashlib.sha256(gzip.decompress(fake)).hexdigest() in message
+    assert fashion_mnist.FASHION_MNIST_FILES[TEST_FILES[0]]["md5"] in message
+    assert hashlib.md5(fake).hexdigest() in message
     assert list(cache.iterdir()) == []  # no partial or unverified file
+
+
+def _gzip_bomb(header_shape: tuple[int, ...], payload_bytes: int) -> bytes:
+    """A valid IDX header followed by far more zeros than it declares, gzipped (about 1000:1)."""
+    header = bytes([0, 0, 0x08, len(header_shape)]) + np.array(header_shape, ">u4").tobytes()
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip container
+    zeros = bytes(1 << 20)
+    parts = [compressor.compress(header)]
+    parts += [compressor.compress(zeros) for _ in range(payload_bytes >> 20)]
+    return b"".join([*parts, compressor.flush()])
+
+
+def test_download_is_checked_before_it_is_decompressed(monkeypatch, tmp_path, no_debian):
+    bomb = _gzip_bomb((10_000, 28, 28), 64 << 20)  # 64 MB behind 64 KB
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(bomb))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="md5 of the download") as err:
+            fashion_mnist.load_fashion_mnist("test", cache_dir=tmp_path / "raw")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fashion_mnist.FASHION_MNIST_FILES[TEST_FILES[0]]["url"] in str(err.value)
+    assert peak < 16 << 20, f"peak {peak} bytes: the download was decompressed"
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_gzip_bomb_is_read_no_further_than_its_known_shape(tmp_path, no_debian):
+    """A local copy is decompressed within Fashion-MNIST's known sizes, whatever it holds."""
+    (tmp_path / f"{TEST_FILES[0]}.gz").write_bytes(gzip.compress(b""))
+    (tmp_path / f"{TEST_FILES[1]}.gz").write_bytes(_gzip_bomb((10_000,), 64 << 20))
+    files = {"labels": tmp_path / f"{TEST_FILES[1]}.gz"}
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="more than the 10008 bytes") as err:
+            fashion_mnist.read_fashion_mnist(files, "test")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(files["labels"]) in str(err.value)
+    assert peak < 8 << 20, f"peak {peak} bytes: the bomb was decompressed"
+
+    (tmp_path / "big").write_bytes(gzip.compress(_idx_bytes(np.zeros((5, 28, 28), np.uint8))))
+    with pytest.raises(DataError, match=r"shape \(5, 28, 28\), expected \(10000, 28, 28\)"):
+        fashion_mnist.read_idx(tmp_path / "big", shape=(10_000, 28, 28))
+
+
+def test_bit_flipped_gzip_names_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    compressed = gzip.compress(_idx_bytes(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    for position in range(10, len(compressed), max(1, len(compressed) // 200)):
+        flipped = bytearray(compressed)
+        flipped[position] ^= 1 << (position % 8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match=r"cannot read .*train-images-idx3-ubyte\.gz: corrupt"):
+            fashion_mnist.read_idx(path)
 
 
 def test_download_network_error_is_a_data_error(monkeypatch, tmp_path, no_debian):
@@ -395,7 +458,7 @@ def test_images_from_rows_converts_and_skips_bad():
 def test_load_huggingface_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(DataError, match=r"pip install diffprune\[hub\]"):
-        huggingface.load_huggingface("jxie/celeba-hq", "train", image_size=8)
+        huggingface.load_huggingface("jxie/celeba-hq", "train", image_size=8, revision="0a1b2c")
 
 
 # -------------------------------------------------------------------------- model in and out

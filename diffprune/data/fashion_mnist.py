@@ -8,10 +8,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -57,41 +60,86 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+# Shapes of the four files: their IDX headers must say exactly these, which caps what is read.
+FASHION_MNIST_SHAPES: dict[str, tuple[int, ...]] = {
+    "train-images-idx3-ubyte": (60_000, 28, 28),
+    "train-labels-idx1-ubyte": (60_000,),
+    "t10k-images-idx3-ubyte": (10_000, 28, 28),
+    "t10k-labels-idx1-ubyte": (10_000,),
+}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 _FASHION_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _DOWNLOAD_TIMEOUT_S = 60
 _GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file, raw or gzip-compressed, into an array."""
-    return _parse_idx(_read_bytes(Path(path)), name=str(path))
+def read_idx(path: str | os.PathLike, *, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read an IDX file, raw or gzip-compressed, into an array.
+
+    The file is decompressed in chunks and never beyond what its header declares, so a corrupt or
+    hostile file costs at most the declared size in memory; `shape`, when given, must be the
+    header's (checked before any image byte is read).
+    """
+    return _read_idx_file(Path(path), shape=shape)[0]
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_idx_file(
+    path: Path, *, shape: tuple[int, ...] | None = None, name: str | None = None
+) -> tuple[np.ndarray, str]:
+    """The array and the SHA-256 of the decompressed bytes; errors name the file (or `name`)."""
+    name = name or str(path)
+    compressed = False
     try:
-        data = path.read_bytes()
-        return gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read {path}: {e}") from e
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == _GZIP_MAGIC
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+            return _parse_idx(stream, name=name, shape=shape)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        kind = "gzip data" if compressed else "file"
+        raise DataError(f"cannot read {name}: corrupt {kind} ({type(e).__name__}: {e})") from e
 
 
-def _parse_idx(data: bytes, *, name: str) -> np.ndarray:
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{name} is not an IDX file (bad magic {data[:4].hex()!r})")
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    ndim = data[3]
+def _read_up_to(stream: BinaryIO, n: int) -> bytes:
+    """At most n bytes, fewer only at the end of the stream, in bounded chunks."""
+    chunks, left = [], n
+    while left > 0 and (chunk := stream.read(min(left, _CHUNK))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_idx(
+    stream: BinaryIO, *, name: str, shape: tuple[int, ...] | None
+) -> tuple[np.ndarray, str]:
+    magic = _read_up_to(stream, 4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+        raise DataError(f"{name} is not an IDX file (bad magic {magic.hex()!r})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[magic[2]]), magic[3]
+    dims = _read_up_to(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{name}: the IDX header is truncated ({4 + len(dims)} bytes)")
+    found = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    if shape is not None and found != tuple(shape):
+        raise DataError(f"{name}: IDX header says shape {found}, expected {tuple(shape)}")
     header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(data) != expected:
+    expected = header + math.prod(found) * dtype.itemsize
+    payload = _read_up_to(stream, expected - header)
+    if len(payload) < expected - header:
         raise DataError(
-            f"{name}: IDX header says {expected} bytes for shape {shape}, got {len(data)}"
+            f"{name}: IDX header says {expected} bytes for shape {found}, "
+            f"got {header + len(payload)}"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
+    if stream.read(1):
+        raise DataError(
+            f"{name}: more than the {expected} bytes its IDX header says for shape {found}"
+        )
+    digest = hashlib.sha256(magic + dims + payload).hexdigest()
+    array = np.frombuffer(payload, dtype=dtype).reshape(found)
+    return array.astype(dtype.newbyteorder("=")), digest
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -101,38 +149,71 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _verified_bytes(path: Path, stem: str, *, origin: str | None = None) -> bytes:
-    data = _read_bytes(path)
-    actual = hashlib.sha256(data).hexdigest()
+def _verified_idx(path: Path, stem: str, *, origin: str | None = None) -> np.ndarray:
+    """One Fashion-MNIST file, read within its known shape and checked by its SHA-256."""
+    array, actual = _read_idx_file(path, shape=FASHION_MNIST_SHAPES[stem], name=origin)
     expected = FASHION_MNIST_FILES[stem]["sha256"]
     if actual != expected:
         raise DataError(
             f"{origin or path}: sha256 of the decompressed {stem} is {actual}, expected "
             f"{expected}; the file is corrupt or not Fashion-MNIST: replace it"
         )
-    return data
+    return array
+
+
+def _fetch(url: str, target: Path, *, limit: int) -> str:
+    """Stream url into target (at most `limit` bytes); returns the md5 of what was written."""
+    md5 = hashlib.md5()
+    size = 0
+    with (
+        urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response,
+        open(target, "wb") as f,
+    ):
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+            size += len(chunk)
+            if size > limit:
+                raise DataError(
+                    f"{url}: the download is larger than {limit} bytes, more than the gzip of "
+                    "its Fashion-MNIST file can be; stopped"
+                )
+            md5.update(chunk)
+            f.write(chunk)
+    return md5.hexdigest()
 
 
 def _download(stem: str, cache_dir: Path) -> Path:
-    """Fetch one official file into cache_dir; it only appears there once its hash checks out."""
+    """Fetch one official file into cache_dir; it only appears there once its hashes check out.
+
+    The compressed download is checked against the published md5 before anything is
+    decompressed; then the decompressed bytes, read within the known shape, by their SHA-256.
+    """
     url = FASHION_MNIST_FILES[stem]["url"]
     target = cache_dir / f"{stem}.gz"
+    # gzip adds a few bytes per 32 KiB block to incompressible data, never more
+    limit = _idx_size(stem) * 11 // 10 + (1 << 16)
     log.info("downloading %s to %s", url, target)
     try:
         with atomic_path(target) as tmp:
-            with (
-                urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response,
-                open(tmp, "wb") as f,
-            ):
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    f.write(chunk)
-            _verified_bytes(tmp, stem, origin=url)
+            md5 = _fetch(url, tmp, limit=limit)
+            expected = FASHION_MNIST_FILES[stem]["md5"]
+            if md5 != expected:
+                raise DataError(
+                    f"{url}: md5 of the download is {md5}, expected {expected} (the official "
+                    f"{stem}.gz); not decompressed, nothing kept: try again or set data.path"
+                )
+            _verified_idx(tmp, stem, origin=url)
     except (urllib.error.URLError, OSError) as e:
         raise DataError(
             f"cannot download {url} ({e}); offline? apt-get install dataset-fashion-mnist, "
             "or set data.path to a folder with the Fashion-MNIST .gz files"
         ) from e
     return target
+
+
+def _idx_size(stem: str) -> int:
+    """Bytes of the decompressed IDX file: header (magic, one uint32 per dimension) and data."""
+    shape = FASHION_MNIST_SHAPES[stem]
+    return 4 + 4 * len(shape) + math.prod(shape)
 
 
 def fashion_mnist_files(
@@ -178,10 +259,9 @@ def read_fashion_mnist(
     files: dict[str, Path], split: str
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read and verify the image and label files that fashion_mnist_files found."""
-    arrays = {}
-    for kind, file in files.items():
-        stem = file.name.removesuffix(".gz")
-        arrays[kind] = _parse_idx(_verified_bytes(file, stem), name=str(file))
+    arrays = {
+        kind: _verified_idx(file, file.name.removesuffix(".gz")) for kind, file in files.items()
+    }
     images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
