@@ -1,4 +1,9 @@
-"""A Hugging Face dataset split: a hub id (needs the `hub` extra) or a local `save_to_disk` copy."""
+"""A Hugging Face dataset split: a hub id (needs the `hub` extra) or a local copy of one.
+
+A hub id must be pinned to a revision (`data.hf_revision`, best a commit sha): hub datasets
+change under their names, and the same params must give the same store. A local copy (a
+`save_to_disk` folder, or a folder of data files) is tracked by its files' fingerprint instead.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,27 @@ from typing import Any
 import numpy as np
 
 from diffprune.data.decode import LoadedImages, check_channels, decode_all
-from diffprune.errors import DataError
+from diffprune.errors import ConfigError, DataError
+
+
+def is_hub_id(name: str) -> bool:
+    """A hub id names nothing on this machine; a local copy is a folder."""
+    return not Path(name).exists()
+
+
+def check_revision(name: str, revision: str | None) -> None:
+    """A hub id needs a pinned revision; a local copy has none (its files are fingerprinted)."""
+    if is_hub_id(name) and revision is None:
+        raise ConfigError(
+            f"data.hf_revision = null: the hub dataset {name!r} must be pinned to a revision "
+            "(a commit sha, or a tag), so that the same params give the same store; its current "
+            f"commit: huggingface_hub.HfApi().dataset_info({name!r}).sha"
+        )
+    if not is_hub_id(name) and revision is not None:
+        raise ConfigError(
+            f"data.hf_revision = {revision!r}: only a hub id has revisions; data.hf_name "
+            f"{name!r} is a local folder: set data.hf_revision to null"
+        )
 
 
 def load_huggingface(
@@ -25,10 +50,12 @@ def load_huggingface(
 ) -> LoadedImages:
     """A Hugging Face dataset split (needs the `hub` extra).
 
-    `name` is a hub id (`datasets.load_dataset`, pinned to `revision` when given) or a local folder
-    written by `save_to_disk` (`datasets.load_from_disk`): the offline copy of a hub dataset.
+    `name` is a hub id (`datasets.load_dataset` at `revision`, which it needs) or a local folder:
+    one written by `save_to_disk` (`datasets.load_from_disk`, the offline copy of a hub dataset)
+    or one of data files (`datasets.load_dataset`), both without a revision.
     """
     check_channels(channels)
+    check_revision(name, revision)
     try:
         import datasets
     except ImportError as e:
