@@ -17,6 +17,7 @@ from diffprune.data.fashion_mnist import (
     fashion_mnist_files,
     read_fashion_mnist,
 )
+from diffprune.data.fingerprint import source_fingerprint
 from diffprune.data.huggingface import load_huggingface
 from diffprune.data.image_folder import imagefolder_root, load_imagefolder
 from diffprune.data.store import write_store
@@ -110,6 +111,10 @@ def build_store(
         check_channels(channels)
     if not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    # stat the files before reading them: the plan saw this state (data.smk's fingerprint)
+    fingerprint = source_fingerprint(
+        {"source": source, "path": path, "test_path": test_path, "hf_name": hf_name}, split
+    )
     inputs: dict[str, Path] = {}
     class_names: list[str] | None = None
     bad: list[tuple[str, str]] = []
@@ -191,7 +196,8 @@ def build_store(
                 "test_fraction": test_fraction if holdout else None,
             },
             inputs=inputs,
-        ),
+        )
+        | {"source_fingerprint": fingerprint},
     }
     write_store(out_dir, images, index, meta)
     return meta
