@@ -132,19 +132,13 @@ def _source_problems(params: dict[str, Any]) -> list[str]:
         problems.append("data.path = null: the imagefolder source needs the folder of images")
     if data["source"] == "huggingface" and not data.get("hf_name"):
         problems.append("data.hf_name = null: the huggingface source needs a dataset id")
-    if data["source"] == "huggingface" and data.get("hf_name"):
+    hub_id = data.get("hf_name") and not Path(data["hf_name"]).exists()
+    if data["source"] == "huggingface" and hub_id and data.get("hf_revision") is None:
         # the same rule as data.huggingface.check_revision, without importing the readers
-        local, revision = Path(data["hf_name"]).exists(), data.get("hf_revision")
-        if not local and revision is None:
-            problems.append(
-                f"data.hf_revision = null: the hub dataset {data['hf_name']!r} must be pinned "
-                "to a revision (a commit sha, or a tag); null only for a local folder"
-            )
-        if local and revision is not None:
-            problems.append(
-                f"data.hf_revision = {revision!r}: data.hf_name is a local folder, which has no "
-                "revisions; allowed: null"
-            )
+        problems.append(
+            f"data.hf_revision = null: the hub dataset {data['hf_name']!r} must be pinned "
+            "to a revision (a commit sha, tag or branch); null only for a local folder"
+        )
     if data["source"] == "fashion-mnist":
         problems += [
             f"data.{split}_size = {data[f'{split}_size']}: must be <= {FASHION_MNIST[split]} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from diffprune.io import load_json
 from tests.workflow_helpers import REPO
 
 datasets = pytest.importorskip("datasets")
+huggingface_hub = pytest.importorskip("huggingface_hub")
 HUB_ID = "someone/faces"
 
 
@@ -53,7 +55,15 @@ def test_hub_id_without_a_revision_is_refused_before_any_download(tmp_path, monk
 
 
 def test_revision_reaches_the_hub_and_the_store_records_it(tmp_path, monkeypatch, local_copy):
+    """A tag is resolved to its commit, which is what is read and what the store records."""
+    commit = "c0ffee" + "0" * 34
     calls = []
+
+    def dataset_info(self, name, *, revision):  # the hub's answer for this tag
+        assert (name, revision) == (HUB_ID, "v1.0")
+        return SimpleNamespace(sha=commit)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
 
     def hub(name, *, split, revision):  # serves the local copy in place of the hub
         calls.append((name, split, revision))
@@ -62,17 +72,17 @@ def test_revision_reaches_the_hub_and_the_store_records_it(tmp_path, monkeypatch
     monkeypatch.setattr(datasets, "load_dataset", hub)
     build_store(
         tmp_path / "s", source="huggingface", split="train", hf_name=HUB_ID,
-        hf_revision="5e1d0f2", label_column="label", image_size=8, progress=False,
+        hf_revision="v1.0", label_column="label", image_size=8, progress=False,
     )  # fmt: skip
-    assert calls == [(HUB_ID, "train", "5e1d0f2")]
+    assert calls == [(HUB_ID, "train", commit)]
     meta = load_json(tmp_path / "s" / "store.json")
-    assert meta["dataset"] == HUB_ID and meta["provenance"]["params"]["hf_revision"] == "5e1d0f2"
+    assert meta["dataset"] == HUB_ID and meta["provenance"]["params"]["hf_revision"] == "v1.0"
+    assert meta["provenance"]["hf_commit"] == commit
     assert meta["num_samples"] == 6 and meta["class_names"] == ["a", "b"]
 
 
-def test_local_copy_has_no_revision(local_copy):
-    with pytest.raises(ConfigError, match=r"data\.hf_revision = '5e1d0f2': only a hub id"):
-        load_huggingface(str(local_copy), "train", image_size=8, revision="5e1d0f2")
-    with pytest.raises(ConfigError, match=r"hf_revision = '5e1d0f2': data\.hf_name is a local"):
-        validate_params(_params(hf_name=str(local_copy), hf_revision="5e1d0f2"))
+def test_local_copy_needs_no_revision_and_ignores_one(local_copy, caplog):
     validate_params(_params(hf_name=str(local_copy), hf_revision=None))
+    validate_params(_params(hf_name=str(local_copy), hf_revision="main"))  # a profile's
+    load_huggingface(str(local_copy), "train", image_size=8, revision="main", progress=False)
+    assert "data.hf_revision = 'main' is not used" in caplog.text

@@ -18,7 +18,7 @@ from diffprune.data.fashion_mnist import (
     read_fashion_mnist,
 )
 from diffprune.data.fingerprint import source_fingerprint
-from diffprune.data.huggingface import load_huggingface
+from diffprune.data.huggingface import load_huggingface, resolve_revision
 from diffprune.data.image_folder import imagefolder_root, load_imagefolder
 from diffprune.data.store import write_store
 from diffprune.errors import ConfigError
@@ -116,6 +116,7 @@ def build_store(
         {"source": source, "path": path, "test_path": test_path, "hf_name": hf_name}, split
     )
     inputs: dict[str, Path] = {}
+    hf_commit: str | None = None
     class_names: list[str] | None = None
     bad: list[tuple[str, str]] = []
     holdout = False
@@ -143,13 +144,14 @@ def build_store(
     else:
         if hf_name is None:
             raise ConfigError("source huggingface needs data.hf_name (e.g. 'jxie/celeba-hq')")
+        hf_commit = resolve_revision(hf_name, hf_revision)
         images, labels, sources, class_names, bad = load_huggingface(
             hf_name,
             hf_split or split,
             image_size=image_size,
             channels=channels or 3,
             label_column=label_column,
-            revision=hf_revision,
+            revision=hf_commit,
             progress=progress,
         )
         dataset_name = hf_name
@@ -197,7 +199,7 @@ def build_store(
             },
             inputs=inputs,
         )
-        | {"source_fingerprint": fingerprint},
+        | {"source_fingerprint": fingerprint, "hf_commit": hf_commit},
     }
     write_store(out_dir, images, index, meta)
     return meta

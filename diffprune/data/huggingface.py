@@ -1,12 +1,14 @@
 """A Hugging Face dataset split: a hub id (needs the `hub` extra) or a local copy of one.
 
 A hub id must be pinned to a revision (`data.hf_revision`, best a commit sha): hub datasets
-change under their names, and the same params must give the same store. A local copy (a
+change under their names, and the same params must give the same store. A tag or branch is read
+at the commit it resolves to, which the store records. A local copy (a
 `save_to_disk` folder, or a folder of data files) is tracked by its files' fingerprint instead.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import numpy as np
 from diffprune.data.decode import LoadedImages, check_channels, decode_all
 from diffprune.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 
 def is_hub_id(name: str) -> bool:
     """A hub id names nothing on this machine; a local copy is a folder."""
@@ -24,17 +28,43 @@ def is_hub_id(name: str) -> bool:
 
 def check_revision(name: str, revision: str | None) -> None:
     """A hub id needs a pinned revision; a local copy has none (its files are fingerprinted)."""
+    if not is_hub_id(name) and revision is not None:
+        log.warning(
+            "data.hf_revision = %r is not used: data.hf_name %r is a local copy, which is "
+            "tracked by its files",
+            revision,
+            name,
+        )
     if is_hub_id(name) and revision is None:
         raise ConfigError(
             f"data.hf_revision = null: the hub dataset {name!r} must be pinned to a revision "
             "(a commit sha, or a tag), so that the same params give the same store; its current "
             f"commit: huggingface_hub.HfApi().dataset_info({name!r}).sha"
         )
-    if not is_hub_id(name) and revision is not None:
-        raise ConfigError(
-            f"data.hf_revision = {revision!r}: only a hub id has revisions; data.hf_name "
-            f"{name!r} is a local folder: set data.hf_revision to null"
-        )
+
+
+def resolve_revision(name: str, revision: str | None) -> str | None:
+    """The commit that `revision` (a sha, tag or branch) of hub dataset `name` is now.
+
+    The store is read at this commit and records it, so a tag or branch that moves later does
+    not change what a store says it holds. None for a local copy.
+    """
+    check_revision(name, revision)
+    if not is_hub_id(name):
+        return None
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as e:
+        raise DataError(
+            "Hugging Face sources need the `datasets` package: pip install diffprune[hub]"
+        ) from e
+    try:
+        return HfApi().dataset_info(name, revision=revision).sha
+    except Exception as e:  # network, unknown repo or revision, auth
+        raise DataError(
+            f"cannot resolve data.hf_revision = {revision!r} of hub dataset {name!r} "
+            f"({type(e).__name__}: {e}); offline? point data.hf_name at a local copy (save_to_disk)"
+        ) from e
 
 
 def load_huggingface(
