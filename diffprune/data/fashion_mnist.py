@@ -103,13 +103,12 @@ def _read_idx_file(
         raise DataError(f"cannot read {name}: corrupt {kind} ({type(e).__name__}: {e})") from e
 
 
-def _read_up_to(stream: BinaryIO, n: int) -> bytes:
-    """At most n bytes, fewer only at the end of the stream, in bounded chunks."""
-    chunks, left = [], n
-    while left > 0 and (chunk := stream.read(min(left, _CHUNK))):
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+def _read_up_to(stream: BinaryIO, n: int) -> bytearray:
+    """At most n bytes, fewer only at the end of the stream, read in bounded chunks."""
+    data = bytearray()
+    while len(data) < n and (chunk := stream.read(min(n - len(data), _CHUNK))):
+        data += chunk
+    return data
 
 
 def _parse_idx(
@@ -137,9 +136,10 @@ def _parse_idx(
         raise DataError(
             f"{name}: more than the {expected} bytes its IDX header says for shape {found}"
         )
-    digest = hashlib.sha256(magic + dims + payload).hexdigest()
+    digest = hashlib.sha256(magic + dims)
+    digest.update(payload)
     array = np.frombuffer(payload, dtype=dtype).reshape(found)
-    return array.astype(dtype.newbyteorder("=")), digest
+    return array.astype(dtype.newbyteorder("="), copy=False), digest.hexdigest()
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
