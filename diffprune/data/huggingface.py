@@ -2,8 +2,8 @@
 
 A hub id must be pinned to a revision (`data.hf_revision`, best a commit sha): hub datasets
 change under their names, and the same params must give the same store. A tag or branch is read
-at the commit it resolves to, which the store records. A local copy (a
-`save_to_disk` folder, or a folder of data files) is tracked by its files' fingerprint instead.
+at the commit it resolves to, which the store records. A local copy (a `save_to_disk` folder, or
+a folder of data files) is tracked by its files' fingerprint instead.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def check_revision(name: str, revision: str | None) -> None:
     if is_hub_id(name) and revision is None:
         raise ConfigError(
             f"data.hf_revision = null: the hub dataset {name!r} must be pinned to a revision "
-            "(a commit sha, or a tag), so that the same params give the same store; its current "
-            f"commit: huggingface_hub.HfApi().dataset_info({name!r}).sha"
+            "(a commit sha, tag or branch), so that the same params give the same store; its "
+            f"current commit: huggingface_hub.HfApi().dataset_info({name!r}).sha"
         )
 
 
