@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,7 @@ def build_store(
     test_fraction: float = 0.1,
     cache_dir="data/raw",
     progress: bool = True,
+    batch_size: int = 1024,
 ) -> dict:
     """Write out_dir/{images.npy,index.parquet,store.json} for one split; returns the metadata.
 
@@ -102,6 +106,10 @@ def build_store(
     `path/train` and `path/test` (or val, validation) when both exist, else a seeded holdout of
     `test_fraction` splits the folder (disjoint, identical for both splits given the same seed).
     `channels` None keeps the source's own (1 for Fashion-MNIST, 3 otherwise).
+
+    Memory stays O(batch_size) images: folder and hub images are decoded into a memory-mapped
+    scratch file in out_dir (resumed after a crash, removed at the end), and the store's
+    images.npy is written from it `batch_size` images at a time.
     """
     if source not in SOURCES:
         raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
@@ -115,6 +123,11 @@ def build_store(
     fingerprint = source_fingerprint(
         {"source": source, "path": path, "test_path": test_path, "hf_name": hf_name}, split
     )
+    recipe = {
+        "source": source, "split": split, "path": path, "test_path": test_path,
+        "image_size": image_size, "channels": channels, "hf_name": hf_name, "hf_split": hf_split,
+        "label_column": label_column, "fingerprint": fingerprint,
+    }  # fmt: skip
     inputs: dict[str, Path] = {}
     hf_commit: str | None = None
     class_names: list[str] | None = None
@@ -132,7 +145,11 @@ def build_store(
         test_folder = None if test_path is None else Path(test_path)
         folder, holdout = imagefolder_root(Path(path), split, test_folder)
         images, labels, sources, class_names, bad = load_imagefolder(
-            folder, image_size=image_size, channels=channels or 3, progress=progress
+            folder,
+            image_size=image_size,
+            channels=channels or 3,
+            progress=progress,
+            scratch=_scratch_dir(out_dir, recipe),
         )
         # name files relative to data.path, so train/x.png and test/x.png stay distinct
         sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
@@ -153,6 +170,7 @@ def build_store(
             label_column=label_column,
             revision=hf_commit,
             progress=progress,
+            scratch=_scratch_dir(out_dir, recipe | {"hf_commit": hf_commit}),
         )
         dataset_name = hf_name
     order = np.arange(len(images))
@@ -161,8 +179,14 @@ def build_store(
         order = np.flatnonzero(in_test if split == "test" else ~in_test)
     order = order[subset_indices(len(order), size=size, seed=seed)]
     # folder and hub images are already decoded at image_size; Fashion-MNIST may need a resize
-    images = _resize_store_images(images[order], image_size)
-    images = np.ascontiguousarray(_to_channels(images, channels or images.shape[-1]))
+    out_channels = channels or images.shape[-1]
+    shape = (len(order), image_size, image_size, out_channels)
+    batches = (
+        _to_channels(
+            _resize_store_images(images[order[at : at + batch_size]], image_size), out_channels
+        )
+        for at in range(0, len(order), batch_size)
+    )
     index = pd.DataFrame(
         {
             "sample_id": np.arange(len(order), dtype=np.int64),
@@ -174,10 +198,10 @@ def build_store(
         "dataset": dataset_name,
         "source": source,
         "split": split,
-        "shape": list(images.shape),
-        "num_samples": len(images),
+        "shape": list(shape),
+        "num_samples": len(order),
         "image_size": image_size,
-        "channels": int(images.shape[-1]),
+        "channels": int(out_channels),
         "class_names": class_names,
         "holdout": holdout,
         "bad_images": [{"path": p, "reason": r} for p, r in bad],
@@ -201,5 +225,15 @@ def build_store(
         )
         | {"source_fingerprint": fingerprint, "hf_commit": hf_commit},
     }
-    write_store(out_dir, images, index, meta)
+    write_store(out_dir, batches, shape, index, meta)
+    for scratch in Path(out_dir).glob(".decoding-*"):
+        shutil.rmtree(scratch)
     return meta
+
+
+def _scratch_dir(out_dir, recipe: dict) -> Path:
+    """Where a split's images are decoded before the store is written: one folder per recipe
+    (params, the source's fingerprint or commit), so a resumed build continues only the same work.
+    """
+    text = json.dumps(recipe, sort_keys=True, default=str)
+    return Path(out_dir) / f".decoding-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from diffprune.errors import ConfigError
+from diffprune.io import load_json, save_json
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +71,56 @@ def decode_all(
     channels: int,
     progress: bool,
     desc: str,
+    scratch: Path | None = None,
+    key: str = "",
+    every: int = 256,
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Decode (source, image) pairs; returns the stacked images, the kept positions and bad ones."""
-    out = np.empty((total, image_size, image_size, channels), dtype=np.uint8)
-    kept: list[int] = []
-    bad: list[tuple[str, str]] = []
-    for i, (source, item) in enumerate(tqdm(items, total=total, desc=desc, disable=not progress)):
+    """Decode (source, image) pairs; returns the stacked images, the kept positions and bad ones.
+
+    With a `scratch` folder the images go to a memory-mapped file there, not to memory, and the
+    progress is saved every `every` items: a call that crashed resumes where it stopped, provided
+    that `key` (what is decoded: the caller's list of sources) and the shape are the same.
+    """
+    shape = (total, image_size, image_size, channels)
+    if scratch is None:
+        out, done, kept, bad = np.empty(shape, dtype=np.uint8), 0, [], []
+    else:
+        out, done, kept, bad = _open_scratch(scratch, shape, key)
+    bar = tqdm(total=total, initial=done, desc=desc, disable=not progress)
+    for i, (source, item) in enumerate(items):
+        if i < done:
+            continue
         try:
             out[len(kept)] = fit_image(open_image(item), image_size=image_size, channels=channels)
+            kept.append(i)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             bad.append((source, f"{type(e).__name__}: {e}"))
             log.warning("skipping unreadable image %s (%s: %s)", source, type(e).__name__, e)
-            continue
-        kept.append(i)
+        bar.update()
+        if scratch is not None and ((i + 1) % every == 0 or i + 1 == total):
+            _save_progress(scratch, out, key=key, done=i + 1, kept=kept, bad=bad)
+    bar.close()
     return out[: len(kept)], kept, bad
+
+
+def _open_scratch(
+    scratch: Path, shape: tuple[int, ...], key: str
+) -> tuple[np.ndarray, int, list[int], list[tuple[str, str]]]:
+    """The scratch images and the saved progress, or a fresh scratch when there is none."""
+    images, state = scratch / "images.npy", scratch / "progress.json"
+    if images.is_file() and state.is_file():
+        saved = load_json(state)
+        if saved["key"] == key and saved["shape"] == list(shape):
+            log.info("resuming decoding at item %d of %d (%s)", saved["done"], shape[0], scratch)
+            out = np.lib.format.open_memmap(images, mode="r+")
+            return out, saved["done"], saved["kept"], [tuple(b) for b in saved["bad"]]
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    out = np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=shape)
+    return out, 0, [], []
+
+
+def _save_progress(scratch: Path, out: np.ndarray, **state: Any) -> None:
+    """Flush the decoded images, then record how far they go (so the record never runs ahead)."""
+    out.flush()
+    save_json(scratch / "progress.json", {**state, "shape": list(out.shape)})

@@ -77,6 +77,7 @@ def load_huggingface(
     image_column: str | None = None,
     revision: str | None = None,
     progress: bool = True,
+    scratch: Path | None = None,
 ) -> LoadedImages:
     """A Hugging Face dataset split (needs the `hub` extra).
 
@@ -108,6 +109,7 @@ def load_huggingface(
         label_column=label_column,
         image_column=image_column,
         progress=progress,
+        scratch=scratch,
     )
 
 
@@ -132,8 +134,12 @@ def images_from_rows(
     label_column: str | None = None,
     image_column: str | None = None,
     progress: bool = True,
+    scratch: Path | None = None,
 ) -> LoadedImages:
-    """Convert a datasets-like table (len, iteration over row dicts, column_names, features)."""
+    """Convert a datasets-like table (len, iteration over row dicts, column_names, features).
+
+    With `scratch`, the images are decoded into a resumable memory-mapped file there.
+    """
     columns = list(dataset.column_names)
     if image_column is None:
         image_column = next((c for c in ("image", "img") if c in columns), None)
@@ -156,6 +162,8 @@ def images_from_rows(
         channels=channels,
         progress=progress,
         desc=f"reading {prefix}",
+        scratch=scratch,
+        key=f"{prefix}:{len(dataset)}:{image_column}",
     )
     if not kept:
         raise DataError(f"none of the {len(dataset)} images of {prefix} could be read")

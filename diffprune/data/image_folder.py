@@ -46,13 +46,19 @@ def imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Pa
 
 
 def load_imagefolder(
-    root, *, image_size: int, channels: int = 3, progress: bool = True
+    root,
+    *,
+    image_size: int,
+    channels: int = 3,
+    progress: bool = True,
+    scratch: Path | None = None,
 ) -> LoadedImages:
     """Every image under root, resized (shorter side) and centre-cropped to image_size.
 
     When every image lives in an immediate subfolder of root, those subfolders are the classes
     (sorted names, labels 0..K-1); otherwise labels are -1 and class names None. Unreadable files
-    are skipped, logged and returned in `bad` as (relative path, reason).
+    are skipped, logged and returned in `bad` as (relative path, reason). With `scratch`, the
+    images are decoded into a resumable memory-mapped file there (`decode.decode_all`).
     """
     check_channels(channels)
     root = Path(root)
@@ -74,6 +80,8 @@ def load_imagefolder(
         channels=channels,
         progress=progress,
         desc=f"reading {root.name}",
+        scratch=scratch,
+        key="\n".join([str(root), *files]),
     )
     if not kept:
         raise DataError(f"none of the {len(files)} image files under {root} could be read")

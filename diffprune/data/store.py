@@ -7,6 +7,7 @@ images through `load_store`, memory-mapped, so no stage holds a whole dataset in
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from diffprune.errors import DataError
-from diffprune.io import load_json, save_json, save_npy, save_parquet
+from diffprune.io import atomic_path, load_json, save_json, save_parquet
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,32 @@ class Store:
         return len(self.index)
 
 
-def write_store(out_dir, images: np.ndarray, index: pd.DataFrame, meta: dict) -> None:
-    """Write the three files of a store, each to a temporary name renamed when complete."""
+def write_store(
+    out_dir,
+    batches: Iterable[np.ndarray],
+    shape: tuple[int, ...],
+    index: pd.DataFrame,
+    meta: dict,
+) -> None:
+    """Write the three files of a store, each to a temporary name renamed when complete.
+
+    The images arrive in batches and go straight to a memory-mapped images.npy (the same bytes
+    as np.save of the whole array), so writing never holds more than one batch.
+    """
     out_dir = Path(out_dir)
-    save_npy(out_dir / "images.npy", images)
+    with atomic_path(out_dir / "images.npy") as tmp:
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        written = 0
+        for batch in batches:
+            images[written : written + len(batch)] = batch
+            written += len(batch)
+        if written != shape[0]:
+            raise DataError(f"image store {out_dir}: got {written} images, expected {shape[0]}")
+        images.flush()
+        del images
     save_parquet(out_dir / "index.parquet", index)
     save_json(out_dir / "store.json", meta)
-    log.info("wrote store %s: %s", out_dir, images.shape)
+    log.info("wrote store %s: %s", out_dir, shape)
 
 
 def load_store(dir) -> Store:
