@@ -5,6 +5,7 @@ Resizing happens here once, at build time: the shorter side to `image_size`, the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import shutil
@@ -82,10 +83,13 @@ def decode_all(
     that `key` (what is decoded: the caller's list of sources) and the shape are the same.
     """
     shape = (total, image_size, image_size, channels)
-    if scratch is None:
-        out, done, kept, bad = np.empty(shape, dtype=np.uint8), 0, [], []
+    key = hashlib.sha256(key.encode()).hexdigest()
+    if scratch is None or total == 0:
+        out, done, bad = np.empty(shape, dtype=np.uint8), 0, []
     else:
-        out, done, kept, bad = _open_scratch(scratch, shape, key)
+        out, done, bad = _open_scratch(scratch, shape, key)
+    bad_at = {position for position, _, _ in bad}
+    kept = [i for i in range(done) if i not in bad_at]
     bar = tqdm(total=total, initial=done, desc=desc, disable=not progress)
     for i, (source, item) in enumerate(items):
         if i < done:
@@ -94,33 +98,37 @@ def decode_all(
             out[len(kept)] = fit_image(open_image(item), image_size=image_size, channels=channels)
             kept.append(i)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            bad.append((source, f"{type(e).__name__}: {e}"))
+            bad.append((i, source, f"{type(e).__name__}: {e}"))
             log.warning("skipping unreadable image %s (%s: %s)", source, type(e).__name__, e)
         bar.update()
         if scratch is not None and ((i + 1) % every == 0 or i + 1 == total):
-            _save_progress(scratch, out, key=key, done=i + 1, kept=kept, bad=bad)
+            _save_progress(scratch, out, key=key, done=i + 1, bad=bad)
     bar.close()
-    return out[: len(kept)], kept, bad
+    return out[: len(kept)], kept, [(source, reason) for _, source, reason in bad]
 
 
 def _open_scratch(
     scratch: Path, shape: tuple[int, ...], key: str
-) -> tuple[np.ndarray, int, list[int], list[tuple[str, str]]]:
-    """The scratch images and the saved progress, or a fresh scratch when there is none."""
+) -> tuple[np.ndarray, int, list[tuple[int, str, str]]]:
+    """The scratch images, how many items they cover and the bad ones among them (a fresh
+    scratch when there is none, or when it holds other work)."""
     images, state = scratch / "images.npy", scratch / "progress.json"
     if images.is_file() and state.is_file():
         saved = load_json(state)
         if saved["key"] == key and saved["shape"] == list(shape):
             log.info("resuming decoding at item %d of %d (%s)", saved["done"], shape[0], scratch)
             out = np.lib.format.open_memmap(images, mode="r+")
-            return out, saved["done"], saved["kept"], [tuple(b) for b in saved["bad"]]
+            return out, saved["done"], [tuple(b) for b in saved["bad"]]
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     out = np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=shape)
-    return out, 0, [], []
+    return out, 0, []
 
 
 def _save_progress(scratch: Path, out: np.ndarray, **state: Any) -> None:
-    """Flush the decoded images, then record how far they go (so the record never runs ahead)."""
+    """Flush the decoded images, then record how far they go (so the record never runs ahead).
+
+    The record is O(bad items), not O(items): the kept positions are all the others.
+    """
     out.flush()
     save_json(scratch / "progress.json", {**state, "shape": list(out.shape)})
