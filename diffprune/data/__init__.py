@@ -3,6 +3,7 @@
 - `store`: the store on disk (`images.npy` uint8 N,H,W,C, `index.parquet`, `store.json`)
 - `build`: `build_store`, one split of a source into a store (the `download` rule)
 - `fashion_mnist`, `image_folder`, `huggingface`: the sources; `decode`: their shared decoding
+  (resumable, into a memory-mapped scratch file); `fingerprint`: what a local source holds now
 - `tensors`: store images to model tensors and back (`to_model_input`, `to_uint8`)
 
 The public names below are imported from their module on first use, so that reading one module
