@@ -37,7 +37,7 @@ METRIC_BASES = (
     "occupancy_kl",
 )  # fmt: skip
 CLASS_METRICS = ("class_kl", "class_share_min", "class_share_ratio_min")
-# Fashion-MNIST's splits and classes (data.FASHION_MNIST_FILES; checked against the files in tests).
+# Fashion-MNIST's splits and classes (data/fashion_mnist.py; checked against the files in tests).
 FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
 # Defaults of optional train keys (diffusion.DEFAULTS, DIT_SIZES), not imported so that loading
 # the config does not load torch; tests check that they agree.
@@ -132,6 +132,13 @@ def _source_problems(params: dict[str, Any]) -> list[str]:
         problems.append("data.path = null: the imagefolder source needs the folder of images")
     if data["source"] == "huggingface" and not data.get("hf_name"):
         problems.append("data.hf_name = null: the huggingface source needs a dataset id")
+    hub_id = data.get("hf_name") and not Path(data["hf_name"]).exists()
+    if data["source"] == "huggingface" and hub_id and data.get("hf_revision") is None:
+        # the same rule as data.huggingface.check_revision, without importing the readers
+        problems.append(
+            f"data.hf_revision = null: the hub dataset {data['hf_name']!r} must be pinned "
+            "to a revision (a commit sha, tag or branch); null only for a local folder"
+        )
     if data["source"] == "fashion-mnist":
         problems += [
             f"data.{split}_size = {data[f'{split}_size']}: must be <= {FASHION_MNIST[split]} "

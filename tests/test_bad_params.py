@@ -253,7 +253,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.skipif(not FASHION.exists(), reason="no local Fashion-MNIST copy")
 def test_fashion_mnist_sizes_agree_with_the_files():
-    from diffprune.data import FASHION_MNIST_CLASSES, read_idx
+    from diffprune.data.fashion_mnist import FASHION_MNIST_CLASSES, read_idx
 
     train = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
     test = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")

@@ -1,0 +1,239 @@
+"""Build one split's store from a source: pick the images (holdout, seeded subset), fit, record.
+
+`build_store` is the `download` rule's whole job; each source module only reads its images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from diffprune.data.decode import check_channels, fit_image
+from diffprune.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    fashion_mnist_files,
+    read_fashion_mnist,
+)
+from diffprune.data.fingerprint import source_fingerprint
+from diffprune.data.huggingface import load_huggingface, resolve_revision
+from diffprune.data.image_folder import imagefolder_root, load_imagefolder
+from diffprune.data.store import write_store
+from diffprune.errors import ConfigError
+from diffprune.io import provenance
+
+SPLITS = ("train", "test")
+SOURCES = ("fashion-mnist", "imagefolder", "huggingface")
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    # ITU-R 601 luma, the same weights as PIL's convert("L")
+    weights = np.array([299, 587, 114], dtype=np.uint32)
+    return ((images.astype(np.uint32) @ weights + 500) // 1000).astype(np.uint8)[..., None]
+
+
+def _resize_store_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    if images.shape[1:3] == (image_size, image_size):
+        return images
+    channels = images.shape[-1]
+    return np.stack(
+        [
+            fit_image(
+                Image.fromarray(im.squeeze(-1) if channels == 1 else im),
+                image_size=image_size,
+                channels=channels,
+            )
+            for im in images
+        ]
+    )
+
+
+def holdout_mask(n: int, *, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the test part of a seeded holdout over n items (the same for both splits)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    n_test = round(n * test_fraction)
+    if n_test == 0 or n_test == n:
+        raise ConfigError(f"test_fraction {test_fraction} of {n} images leaves an empty split")
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng([seed, 1]).permutation(n)[:n_test]] = True
+    return mask
+
+
+def subset_indices(n: int, *, size: int | None, seed: int) -> np.ndarray:
+    """Sorted seeded random subset of `size` items of range(n); all of them when size is None."""
+    if size is None:
+        return np.arange(n)
+    if not 0 < size <= n:
+        raise ConfigError(f"size {size!r} is not in 1..{n} (the number of images available)")
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def build_store(
+    out_dir,
+    *,
+    source: str,
+    split: str,
+    path=None,
+    test_path=None,
+    download: bool = True,
+    size: int | None = None,
+    seed: int = 0,
+    image_size: int = 28,
+    channels: int | None = None,
+    hf_name: str | None = None,
+    hf_split: str | None = None,
+    hf_revision: str | None = None,
+    label_column: str | None = None,
+    test_fraction: float = 0.1,
+    cache_dir="data/raw",
+    progress: bool = True,
+    batch_size: int = 1024,
+) -> dict:
+    """Write out_dir/{images.npy,index.parquet,store.json} for one split; returns the metadata.
+
+    `size` picks a seeded random subset, kept in source order, so sample_ids 0..n-1 follow the
+    source. An imagefolder reads `path` for train and `test_path` for test; without test_path,
+    `path/train` and `path/test` (or val, validation) when both exist, else a seeded holdout of
+    `test_fraction` splits the folder (disjoint, identical for both splits given the same seed).
+    `channels` None keeps the source's own (1 for Fashion-MNIST, 3 otherwise).
+
+    Memory stays O(batch_size) images: folder and hub images are decoded into a memory-mapped
+    scratch file in out_dir (resumed after a crash, removed at the end), and the store's
+    images.npy is written from it `batch_size` images at a time.
+    """
+    if source not in SOURCES:
+        raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; allowed: {list(SPLITS)}")
+    if channels is not None:
+        check_channels(channels)
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    # stat the files before reading them: the plan saw this state (data.smk's fingerprint)
+    fingerprint = source_fingerprint(
+        {"source": source, "path": path, "test_path": test_path, "hf_name": hf_name}, split
+    )
+    recipe = {
+        "source": source, "split": split, "path": path, "test_path": test_path,
+        "image_size": image_size, "channels": channels, "hf_name": hf_name, "hf_split": hf_split,
+        "label_column": label_column, "fingerprint": fingerprint,
+    }  # fmt: skip
+    inputs: dict[str, Path] = {}
+    hf_commit: str | None = None
+    class_names: list[str] | None = None
+    bad: list[tuple[str, str]] = []
+    holdout = False
+    dataset_name = source
+    if source == "fashion-mnist":
+        files = fashion_mnist_files(split, path=path, download=download, cache_dir=cache_dir)
+        images, labels, sources = read_fashion_mnist(files, split)
+        inputs = dict(files)
+        class_names = list(FASHION_MNIST_CLASSES)
+    elif source == "imagefolder":
+        if path is None:
+            raise ConfigError("source imagefolder needs data.path (a folder of images)")
+        test_folder = None if test_path is None else Path(test_path)
+        folder, holdout = imagefolder_root(Path(path), split, test_folder)
+        images, labels, sources, class_names, bad = load_imagefolder(
+            folder,
+            image_size=image_size,
+            channels=channels or 3,
+            progress=progress,
+            scratch=_scratch_dir(out_dir, recipe),
+        )
+        # name files relative to data.path, so train/x.png and test/x.png stay distinct
+        sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
+        if sub != ".":
+            sources = [f"{sub}/{s}" for s in sources]
+            bad = [(f"{sub}/{b}", reason) for b, reason in bad]
+        inputs = {"images": folder}
+        dataset_name = Path(path).resolve().name
+    else:
+        if hf_name is None:
+            raise ConfigError("source huggingface needs data.hf_name (e.g. 'jxie/celeba-hq')")
+        hf_commit = resolve_revision(hf_name, hf_revision)
+        images, labels, sources, class_names, bad = load_huggingface(
+            hf_name,
+            hf_split or split,
+            image_size=image_size,
+            channels=channels or 3,
+            label_column=label_column,
+            revision=hf_commit,
+            progress=progress,
+            scratch=_scratch_dir(out_dir, recipe | {"hf_commit": hf_commit}),
+        )
+        dataset_name = hf_name
+    order = np.arange(len(images))
+    if holdout:
+        in_test = holdout_mask(len(images), test_fraction=test_fraction, seed=seed)
+        order = np.flatnonzero(in_test if split == "test" else ~in_test)
+    order = order[subset_indices(len(order), size=size, seed=seed)]
+    # folder and hub images are already decoded at image_size; Fashion-MNIST may need a resize
+    out_channels = channels or images.shape[-1]
+    shape = (len(order), image_size, image_size, out_channels)
+    batches = (
+        _to_channels(
+            _resize_store_images(images[order[at : at + batch_size]], image_size), out_channels
+        )
+        for at in range(0, len(order), batch_size)
+    )
+    index = pd.DataFrame(
+        {
+            "sample_id": np.arange(len(order), dtype=np.int64),
+            "label": np.asarray(labels, dtype=np.int64)[order],
+            "source": [sources[i] for i in order],
+        }
+    )
+    meta = {
+        "dataset": dataset_name,
+        "source": source,
+        "split": split,
+        "shape": list(shape),
+        "num_samples": len(order),
+        "image_size": image_size,
+        "channels": int(out_channels),
+        "class_names": class_names,
+        "holdout": holdout,
+        "bad_images": [{"path": p, "reason": r} for p, r in bad],
+        "provenance": provenance(
+            params={
+                "source": source,
+                "split": split,
+                "path": None if path is None else str(path),
+                "test_path": None if test_path is None else str(test_path),
+                "size": size,
+                "seed": seed,
+                "image_size": image_size,
+                "channels": channels,
+                "hf_name": hf_name,
+                "hf_split": hf_split,
+                "hf_revision": hf_revision,
+                "label_column": label_column,
+                "test_fraction": test_fraction if holdout else None,
+            },
+            inputs=inputs,
+        )
+        | {"source_fingerprint": fingerprint, "hf_commit": hf_commit},
+    }
+    write_store(out_dir, batches, shape, index, meta)
+    for scratch in Path(out_dir).glob(".decoding-*"):
+        shutil.rmtree(scratch)
+    return meta
+
+
+def _scratch_dir(out_dir, recipe: dict) -> Path:
+    """Where a split's images are decoded before the store is written: one folder per recipe
+    (params, the source's fingerprint or commit), so a resumed build continues only the same work.
+    """
+    text = json.dumps(recipe, sort_keys=True, default=str)
+    return Path(out_dir) / f".decoding-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

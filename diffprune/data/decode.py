@@ -1,0 +1,134 @@
+"""Decode images of any source into uint8 arrays at the store's size (image folders, hub rows).
+
+Resizing happens here once, at build time: the shorter side to `image_size`, then a centre crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from diffprune.errors import ConfigError
+from diffprune.io import load_json, save_json
+
+log = logging.getLogger(__name__)
+
+# (images uint8 NHWC, labels int64, sources, class names or None, bad files as (source, reason))
+LoadedImages = tuple[np.ndarray, np.ndarray, list[str], list[str] | None, list[tuple[str, str]]]
+
+
+def check_channels(channels: int) -> None:
+    """Stores hold gray (1) or RGB (3) images."""
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+
+
+def fit_image(image: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
+    """Resize the shorter side to image_size and centre-crop (one antialiased bicubic resample)."""
+    image = ImageOps.exif_transpose(image)
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    if (w, h) != (image_size, image_size):
+        image = image.resize(
+            (image_size, image_size),
+            Image.Resampling.BICUBIC,
+            box=(left, top, left + side, top + side),
+        )
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def open_image(source: Any) -> Image.Image:
+    """Open a path, a PIL image, raw bytes, a datasets-style {"bytes", "path"} dict or an array."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    image = Image.open(source)
+    image.load()  # decode now, so a truncated file fails here and not later
+    return image
+
+
+def decode_all(
+    items: Iterable[tuple[str, Any]],
+    *,
+    total: int,
+    image_size: int,
+    channels: int,
+    progress: bool,
+    desc: str,
+    scratch: Path | None = None,
+    key: str = "",
+    every: int = 256,
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Decode (source, image) pairs; returns the stacked images, the kept positions and bad ones.
+
+    With a `scratch` folder the images go to a memory-mapped file there, not to memory, and the
+    progress is saved every `every` items: a call that crashed resumes where it stopped, provided
+    that `key` (what is decoded: the caller's list of sources) and the shape are the same.
+    """
+    shape = (total, image_size, image_size, channels)
+    key = hashlib.sha256(key.encode()).hexdigest()
+    if scratch is None or total == 0:
+        out, done, bad = np.empty(shape, dtype=np.uint8), 0, []
+    else:
+        out, done, bad = _open_scratch(scratch, shape, key)
+    bad_at = {position for position, _, _ in bad}
+    kept = [i for i in range(done) if i not in bad_at]
+    bar = tqdm(total=total, initial=done, desc=desc, disable=not progress)
+    for i, (source, item) in enumerate(items):
+        if i < done:
+            continue
+        try:
+            out[len(kept)] = fit_image(open_image(item), image_size=image_size, channels=channels)
+            kept.append(i)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            bad.append((i, source, f"{type(e).__name__}: {e}"))
+            log.warning("skipping unreadable image %s (%s: %s)", source, type(e).__name__, e)
+        bar.update()
+        if scratch is not None and ((i + 1) % every == 0 or i + 1 == total):
+            _save_progress(scratch, out, key=key, done=i + 1, bad=bad)
+    bar.close()
+    return out[: len(kept)], kept, [(source, reason) for _, source, reason in bad]
+
+
+def _open_scratch(
+    scratch: Path, shape: tuple[int, ...], key: str
+) -> tuple[np.ndarray, int, list[tuple[int, str, str]]]:
+    """The scratch images, how many items they cover and the bad ones among them (a fresh
+    scratch when there is none, or when it holds other work)."""
+    images, state = scratch / "images.npy", scratch / "progress.json"
+    if images.is_file() and state.is_file():
+        saved = load_json(state)
+        if saved["key"] == key and saved["shape"] == list(shape):
+            log.info("resuming decoding at item %d of %d (%s)", saved["done"], shape[0], scratch)
+            out = np.lib.format.open_memmap(images, mode="r+")
+            return out, saved["done"], [tuple(b) for b in saved["bad"]]
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    out = np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=shape)
+    return out, 0, []
+
+
+def _save_progress(scratch: Path, out: np.ndarray, **state: Any) -> None:
+    """Flush the decoded images, then record how far they go (so the record never runs ahead).
+
+    The record is O(bad items), not O(items): the kept positions are all the others.
+    """
+    out.flush()
+    save_json(scratch / "progress.json", {**state, "shape": list(out.shape)})

@@ -1,0 +1,60 @@
+"""What a split's store was built from, as a fingerprint that changes whenever its files do.
+
+Fashion-MNIST is pinned by checksums and a hub dataset by its revision; a local folder (an image
+folder, or a local Hugging Face copy) can change under the same params. Its fingerprint hashes
+the relative path, size and modification time of every file the split reads, from `stat` alone,
+so the Snakefile can compute it at every plan: adding, removing, replacing or touching a file
+changes it, and the `download` rule's params with it, which reruns the store and all downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from diffprune.data.huggingface import is_hub_id
+from diffprune.data.image_folder import imagefolder_root, list_images
+from diffprune.errors import ConfigError, DataError
+
+
+def folder_fingerprint(root: Path, files: list[str]) -> dict[str, Any]:
+    """Count, total size and SHA-256 of `relative path, size, mtime (ns)` of the files."""
+    digest, total = hashlib.sha256(), 0
+    for name in files:
+        stat = (root / name).stat()
+        total += stat.st_size
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
+
+
+def _all_files(root: Path) -> list[str]:
+    """Every file under root that is not hidden, as sorted relative POSIX paths."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def source_fingerprint(data: dict[str, Any], split: str) -> dict[str, Any] | None:
+    """The fingerprint of what `split` reads under the `data` params; None for pinned sources."""
+    if data["source"] == "imagefolder":
+        if data["path"] is None:
+            raise ConfigError("data.path = null: the imagefolder source needs the folder of images")
+        path = Path(data["path"])
+        test_path = data.get("test_path")
+        if not path.is_dir():
+            raise DataError(f"data.path = {str(path)!r}: no such folder of images")
+        if test_path is not None and not Path(test_path).is_dir():
+            raise DataError(f"data.test_path = {test_path!r}: no such folder of images")
+        folder, holdout = imagefolder_root(
+            path, split, None if test_path is None else Path(test_path)
+        )
+        # which folder a split reads, and whether it is a holdout, depend on the layout too
+        layout = {"folder": str(folder), "holdout": holdout}
+        return layout | folder_fingerprint(folder, list_images(folder))
+    if data["source"] == "huggingface" and data.get("hf_name") and not is_hub_id(data["hf_name"]):
+        folder = Path(data["hf_name"])
+        return {"folder": str(folder)} | folder_fingerprint(folder, _all_files(folder))
+    return None
