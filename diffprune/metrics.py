@@ -107,7 +107,7 @@ def save_reference(path: str | os.PathLike, stats: Mapping[str, np.ndarray]) -> 
         for key in STATS_KEYS + tuple(optional):
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with archive.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(stats[key]), allow_pickle=False)
+                np.lib.format.write_array(f, np.asarray(stats[key], order="C"), allow_pickle=False)
 
 
 def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -292,6 +292,7 @@ def test_reference_file_keeps_its_neighbour_statistics(tmp_path):
     save_reference(tmp_path / "ref.npz", stats)
     loaded = load_reference(tmp_path / "ref.npz")
     assert set(loaded) == set(metrics.STATS_KEYS + metrics.NEIGHBOUR_KEYS)
+    assert loaded["pr_k"].shape == () and int(loaded["pr_k"]) == metrics.PR_K
     for key, value in stats.items():
         np.testing.assert_array_equal(loaded[key], value)
     with pytest.raises(ValueError, match="neighbour keys"):
