@@ -7,10 +7,11 @@ rates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 ROW_KEYS = ("benchmark", "baseline", "value", "baseline_value", "unit", "ratio", "machine", "notes")
@@ -26,6 +27,21 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         result = fn()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """numpy's BLAS and torch on one thread, as a `threads: 1` workflow job runs."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def row(
