@@ -63,9 +63,10 @@ def markdown(rows: list[dict], machine_text: str, version: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        notes = r["notes"].replace("|", "\\|")  # a bare | would end the table cell
         lines.append(
             f"| {r['benchmark']} | {r['value']:.3g} {r['unit']} | {r['baseline']} | "
-            f"{r['baseline_value']:.3g} {r['unit']} | **{r['ratio']:.2f}x** | {r['notes']} |"
+            f"{r['baseline_value']:.3g} {r['unit']} | **{r['ratio']:.2f}x** | {notes} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -3,7 +3,7 @@
 Fréchet distance and KID give clean-fid's numbers (`cleanfid.fid.frechet_distance`,
 `cleanfid.fid.kernel_distance`; the tests compare them) at a fraction of the cost: the trace of
 sqrt(S1 S2) comes from the eigenvalues of the symmetric sqrt(S1) S2 sqrt(S1) instead of a
-general matrix square root (0.2 s instead of 2-4 s at 1280 dimensions), and KID reads its 100
+general matrix square root (about 4x faster at 1280 dimensions, `make bench`), and KID reads its 100
 random subsets' kernels out of Gram matrices computed once instead of three products per subset.
 Which feature space they are computed in (and therefore what a table should call them) is
 decided by `diffprune.features`.
