@@ -57,7 +57,7 @@ lint: setup  ## ruff + snakemake --lint
 	$(BIN)/ruff format --check diffprune tests workflow/scripts
 	$(BIN)/snakemake --lint
 
-bench: setup  ## benchmarks, written under results/bench/
+bench: setup  ## every benchmark against its baseline, one table: results/bench/bench.{csv,md}
 	$(BIN)/python benchmarks/run.py
 
 dvc-repro: setup  ## the same study through DVC

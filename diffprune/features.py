@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cleanfid.inception_torchscript import InceptionV3W
-from cleanfid.resize import build_resizer
 from tqdm.auto import tqdm
 
 from diffprune import classifier
@@ -142,6 +140,11 @@ def _inception_extractor(weights: str | os.PathLike | None, device: str) -> Feat
             f"machine with network and set evaluate.inception_weights to that file "
             f"(named {INCEPTION_FILE}) or to its folder"
         )
+    # clean-fid (and the torchvision it imports) only here: most studies have no Inception
+    # weights, and the import costs every evaluation and reference job about a second.
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
     torch_device = resolve_device(device)
     # download=False: clean-fid only joins the folder with its fixed file name and loads it.
     model = InceptionV3W(str(path.parent), download=False, resize_inside=False)

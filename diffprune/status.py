@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from diffprune import io
-from diffprune.diffusion import resolve_config
 
 SUMMARY = "train.json"
 OK = "ok"
@@ -24,6 +23,9 @@ def write_failed_model(
     out_dir: str | os.PathLike, *, reason: str, cfg: dict, seed: int, step: int
 ) -> None:
     """Write `out_dir` atomically as a failed run's model folder: only train.json, no weights."""
+    # imported here: diffusion imports diffusers (seconds), which readers of records never need
+    from diffprune.diffusion import resolve_config
+
     cfg = resolve_config(cfg)
     record = {
         "status": FAILED,

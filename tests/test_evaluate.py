@@ -4,7 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from diffprune.evaluate import check_samples, metrics_record
+from diffprune.evaluate import check_samples, evaluate_samples, metrics_record
+from diffprune.features import FeatureExtractor
+from diffprune.metrics import reference_neighbours, reference_stats, save_reference
 
 SELECTION = {
     "run": "random-r0.5",
@@ -120,3 +122,40 @@ def test_metrics_record_of_bad_samples_from_a_trained_model_has_no_metric_number
     assert calls == 0 and result["status"] == "failed"
     assert result["failure"].startswith("bad samples: every pixel of every sample is 0")
     assert not any(key.startswith("fd_") for key in result)
+
+
+def pixel_features(batch: np.ndarray) -> np.ndarray:
+    """Flattened pixels, a real (if plain) feature space of 64 dimensions for 8x8 gray images."""
+    return batch.reshape(len(batch), -1).astype(np.float64)
+
+
+def test_stored_neighbour_statistics_give_the_same_metrics(tmp_path):
+    """References with the reference rule's neighbour statistics change no number, only the cost."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    train[:20] = train[20:40]  # duplicates: near-copy thresholds of 0 must agree too
+    test = rng.integers(0, 256, (120, 8, 8, 1), dtype=np.uint8)
+    samples = np.concatenate([train[:10], normal_samples(30, seed=1)])
+    np.save(tmp_path / "modes.npy", pixel_features(train[::30]))
+    kept_ids = np.flatnonzero(rng.random(300) < 0.4)
+    extractors = {"classifier": FeatureExtractor("classifier", 64, pixel_features)}
+    metrics = {}
+    for kind in ("plain", "with_neighbours"):
+        paths = {}
+        for split, images in (("train", train), ("test", test)):
+            feats = pixel_features(images)
+            stats = reference_stats(feats)
+            if kind == "with_neighbours":
+                stats |= reference_neighbours(feats, neighbours=4)  # few: some rows search all
+            paths[split] = tmp_path / f"{kind}_{split}.npz"
+            save_reference(paths[split], stats)
+        metrics[kind] = evaluate_samples(
+            samples,
+            extractors=extractors,
+            test_references={"classifier": paths["test"]},
+            train_references={"classifier": paths["train"]},
+            modes={"classifier": tmp_path / "modes.npy"},
+            kept_ids=kept_ids,
+        )
+    assert metrics["with_neighbours"] == metrics["plain"]
+    assert metrics["plain"]["near_copy_share_classifier"] > 0

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from cleanfid import fid as cleanfid_fid
 
 from diffprune import metrics
 from diffprune.errors import DataError
@@ -11,9 +12,11 @@ from diffprune.metrics import (
     kid,
     kl_divergence,
     load_reference,
+    near_copy_threshold,
     nearest_centroid,
     novelty,
     precision_recall,
+    reference_neighbours,
     reference_stats,
     save_reference,
     vendi,
@@ -54,6 +57,34 @@ def test_fd_matches_the_closed_form_for_diagonal_gaussians():
     assert frechet_distance(a, stats_b) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize(
+    ("n_a", "n_b", "dim"),
+    [(400, 300, 16), (2000, 512, 256), (60, 40, 64), (30, 30, 128)],  # the last two: N < D
+)
+def test_fd_matches_clean_fid_on_random_and_near_singular_covariances(n_a, n_b, dim):
+    rng = np.random.default_rng(dim)
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    a = rng.normal(size=(n_a, dim)) @ mixing
+    b = rng.normal(0.1, 1.0, size=(n_b, dim)) @ (mixing + 0.3 * np.eye(dim))
+    stats_a, stats_b = reference_stats(a), reference_stats(b)
+    expected = cleanfid_fid.frechet_distance(
+        stats_a["mu"], stats_a["sigma"], stats_b["mu"], stats_b["sigma"]
+    )
+    assert frechet_distance(stats_a, stats_b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(stats_b, stats_a) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fd_of_rank_deficient_covariances_matches_clean_fid():
+    """Covariances of rank 5 in 40 dimensions: most eigenvalues are rounding noise around 0."""
+    rng = np.random.default_rng(3)
+    basis = rng.normal(size=(5, 40))
+    a = rng.normal(size=(500, 5)) @ basis
+    b = rng.normal(size=(500, 5)) @ basis * 1.5 + 0.2
+    sa, sb = reference_stats(a), reference_stats(b)
+    expected = cleanfid_fid.frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"])
+    assert frechet_distance(sa, sb) == pytest.approx(expected, rel=1e-6)
+
+
 def test_fd_refuses_mismatched_dims():
     with pytest.raises(ValueError, match="dims differ"):
         frechet_distance(gaussian(10, 3, seed=0), gaussian(10, 4, seed=0))
@@ -88,6 +119,16 @@ def test_kid_near_zero_for_same_distribution_and_positive_when_shifted():
     assert abs(same) < 0.02
     assert shifted > 0.5
     assert shifted > 50 * abs(same)
+
+
+@pytest.mark.parametrize("gram_rows", [metrics.KID_GRAM_ROWS, 10])  # 10: per-subset products
+def test_kid_equals_clean_fids_kernel_distance_after_seeding(monkeypatch, gram_rows):
+    monkeypatch.setattr(metrics, "KID_GRAM_ROWS", gram_rows)
+    a, b = gaussian(120, 32, seed=30), gaussian(200, 32, seed=31, shift=0.3)
+    for kwargs in ({}, {"num_subsets": 7, "max_subset_size": 50}):
+        np.random.seed(5)
+        expected = cleanfid_fid.kernel_distance(a, b, **kwargs)
+        assert kid(a, b, seed=5, **kwargs) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_kid_is_seeded_and_leaves_global_randomness_alone():
@@ -143,6 +184,15 @@ def test_precision_recall_chunking_matches_brute_force(monkeypatch):
     monkeypatch.setattr(metrics, "MAX_CHUNK_CELLS", 500)  # large sets: chunks shrink to 5 rows
     assert precision_recall(real, fake, k=3, batch_size=1000) == pytest.approx(expected)
     assert precision_recall(real, fake, k=5) == pytest.approx(brute_precision_recall(real, fake, 5))
+
+
+def test_precision_recall_with_stored_real_radii_is_unchanged():
+    real, fake = gaussian(150, 4, seed=32), gaussian(90, 4, seed=33, shift=0.4)
+    stored = reference_neighbours(real, k=3, batch_size=16)
+    expected = precision_recall(real, fake, k=3)
+    assert precision_recall(real, fake, k=3, real_radii2=stored["knn_radii2"]) == expected
+    with pytest.raises(ValueError, match="real_radii2 has shape"):
+        precision_recall(real, fake, real_radii2=stored["knn_radii2"][:5])
 
 
 # --- Vendi ------------------------------------------------------------------------------------
@@ -208,6 +258,45 @@ def test_novelty_default_threshold_is_first_percentile_of_train_nn_distances(mon
     off = train[:50] + expected / 10
     assert novelty(off, train, threshold_subset=300)["near_copy_share"] == 1.0
     assert novelty(train[:50] + 5.0, train)["near_copy_share"] == 0.0
+
+
+def test_reference_neighbours_lists_the_nearest_other_rows():
+    x = gaussian(60, 3, seed=34)
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    stored = reference_neighbours(x, k=3, neighbours=5, batch_size=7)
+    np.testing.assert_allclose(stored["knn_radii2"], np.sort(d, axis=1)[:, 3] ** 2, rtol=1e-9)
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_array_equal(stored["neighbours"], np.argsort(d, axis=1)[:, :5])
+    assert stored["neighbours"].dtype == np.int64 and int(stored["pr_k"]) == 3
+
+
+@pytest.mark.parametrize("neighbours", [16, 2])  # 2: many kept rows list no kept neighbour
+def test_near_copy_threshold_from_neighbours_equals_the_full_search(neighbours):
+    train = gaussian(400, 6, seed=35)
+    stored = reference_neighbours(train, neighbours=neighbours)["neighbours"]
+    kept = np.flatnonzero(np.random.default_rng(0).random(400) < 0.3)
+    for rows, subset in ((None, 2000), (None, 50), (kept, 2000), (kept, 40)):
+        plain = near_copy_threshold(train, rows=rows, subset=subset, seed=4)
+        fast = near_copy_threshold(train, rows=rows, subset=subset, seed=4, neighbours=stored)
+        assert fast == plain
+    # the kept subset's threshold is the one novelty() finds on the kept rows alone
+    expected = novelty(train[:5], train[kept])["near_copy_threshold"]
+    assert near_copy_threshold(train, rows=kept, neighbours=stored) == expected
+    with pytest.raises(ValueError, match="expected \\(400, K\\)"):
+        near_copy_threshold(train, neighbours=stored[:10])
+
+
+def test_reference_file_keeps_its_neighbour_statistics(tmp_path):
+    feats = gaussian(40, 3, seed=36)
+    stats = reference_stats(feats) | reference_neighbours(feats)
+    save_reference(tmp_path / "ref.npz", stats)
+    loaded = load_reference(tmp_path / "ref.npz")
+    assert set(loaded) == set(metrics.STATS_KEYS + metrics.NEIGHBOUR_KEYS)
+    assert loaded["pr_k"].shape == () and int(loaded["pr_k"]) == metrics.PR_K
+    for key, value in stats.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    with pytest.raises(ValueError, match="neighbour keys"):
+        save_reference(tmp_path / "part.npz", {**reference_stats(feats), "pr_k": stats["pr_k"]})
 
 
 # --- coverage and class balance ---------------------------------------------------------------

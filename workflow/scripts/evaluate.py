@@ -27,9 +27,9 @@ def compute_metrics() -> dict:
             feature,
             resolution=snakemake.params.resolution,
             classifier_path=inputs.get("classifier"),
-            image_size=cfg.get("image_size", 64),
-            inception_weights=cfg.get("inception_weights"),
-            device=cfg.get("device", "auto"),
+            image_size=cfg["image_size"],
+            inception_weights=cfg["inception_weights"],
+            device=cfg["device"],
         )
         for feature in features
     }
@@ -40,7 +40,7 @@ def compute_metrics() -> dict:
         train_references=dict(zip(features, inputs.train_references, strict=True)),
         modes=dict(zip(features, inputs.modes, strict=True)),
         kept_ids=manifest.loc[manifest["keep"], "sample_id"].to_numpy(),
-        batch_size=cfg.get("batch_size", 256),
+        batch_size=cfg["batch_size"],
     )
     if inputs.get("classifier"):
         labels = pd.read_parquet(inputs.train_index, columns=["label"])["label"].to_numpy()

@@ -1,10 +1,14 @@
-"""Snakemake script for rule `reference`: one split's real images in one feature space."""
+"""Snakemake script for rule `reference`: one split's real images in one feature space.
+
+Besides mean, covariance and features it stores the split's neighbour statistics
+(`metrics.reference_neighbours`), so that no evaluation job recomputes them.
+"""
 
 from diffprune.data import load_store
 from diffprune.evaluate import at_resolution
 from diffprune.features import extract, load_feature_extractor
 from diffprune.logs import setup
-from diffprune.metrics import reference_stats, save_reference
+from diffprune.metrics import reference_neighbours, reference_stats, save_reference
 
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg, resolution = snakemake.params.evaluate, snakemake.params.resolution
@@ -13,10 +17,10 @@ extractor = load_feature_extractor(
     snakemake.wildcards.feature,
     resolution=resolution,
     classifier_path=snakemake.input.get("classifier"),
-    image_size=cfg.get("image_size", 64),
-    inception_weights=cfg.get("inception_weights"),
-    device=cfg.get("device", "auto"),
+    image_size=cfg["image_size"],
+    inception_weights=cfg["inception_weights"],
+    device=cfg["device"],
 )
 images = at_resolution(store.images, resolution)
-features = extract(extractor, images, batch_size=cfg.get("batch_size", 256))
-save_reference(snakemake.output[0], reference_stats(features))
+features = extract(extractor, images, batch_size=cfg["batch_size"])
+save_reference(snakemake.output[0], reference_stats(features) | reference_neighbours(features))
