@@ -8,8 +8,8 @@
 - float64: diffprune's CPU-independent float64 k-means at the default study's size (10,000 x
   1280, k = 10, 50 iterations at most) against faiss's float32 k-means on the same data.
 
-`bench_kmeans` returns rows for `make bench`'s table (benchmark, baseline, value, baseline_value,
-ratio = baseline_value / value, machine); `python benchmarks/kmeans.py [--quick]` prints them.
+`bench_kmeans` returns rows for `make bench`'s table (benchmarks/rows.py's keys; ratio =
+baseline_value / value); `python benchmarks/kmeans.py [--quick]` prints them.
 """
 
 from __future__ import annotations
@@ -99,21 +99,30 @@ def bench_kmeans(
     fast = min(
         _timed(lambda: kmeans(small, k=default_k, backend="faiss", device="cpu")) for _ in range(2)
     )
-    rows = [  # (benchmark, baseline, value, baseline value, on the GPU)
-        (f"afk-mc2 start (s), {size}", "k-means++ start", afk, plus, False),
+    rows = [  # (benchmark, baseline, value, baseline value, on the GPU, notes)
         (
-            f"faiss Lloyd iteration on {where} (s), all points, {size}",
+            f"afk-mc2 start, {size}",
+            "k-means++ start",
+            afk,
+            plus,
+            False,
+            "cluster.init; both starts run on the CPU",
+        ),
+        (
+            f"faiss Lloyd iteration on {where}, all points, {size}",
             "k-means++ start",
             lloyd,
             plus,
             gpu,
+            "ratio: how many iterations the k-means++ start costs",
         ),
         (
-            f"float64 k-means (s), {default_n:,} x {default_dim}, k = {default_k}",
+            f"float64 k-means, {default_n:,} x {default_dim}, k = {default_k}",
             "faiss float32 k-means, 50 iterations",
             exact,
             fast,
             False,
+            "the path whose clusters do not depend on the CPU",
         ),
     ]
     return [
@@ -122,10 +131,12 @@ def bench_kmeans(
             "baseline": baseline,
             "value": value,
             "baseline_value": base,
+            "unit": "s",
             "ratio": base / value,
             "machine": _machine(on_gpu),
+            "notes": notes,
         }
-        for name, baseline, value, base, on_gpu in rows
+        for name, baseline, value, base, on_gpu, notes in rows
     ]
 
 

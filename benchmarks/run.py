@@ -8,7 +8,9 @@ baseline), notes; this script adds the machine and writes results/bench/bench.cs
 - evaluation.py: an evaluation job with and without the reference rule's neighbour statistics;
 - imports.py: the evaluate job's start-up, lazy against eager imports;
 - embedding.py: the embed stage with channels_last and the allocator setting, against neither;
-- grand.py: batched GraNd against the reference's batch-size-1 loop.
+- grand.py: batched GraNd against the reference's batch-size-1 loop;
+- kmeans.py: the afk-mc2 and k-means++ starts and a Lloyd iteration at ImageNet scale, and the
+  float64 path against faiss at the default study's size.
 
 `--quick` runs small sizes (a smoke run, minutes); it writes nothing unless `--out` says
 where. The GPU check is separate: benchmarks/gpu_check.py.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from evaluation import bench_evaluate
 from fd import bench_fd
 from grand import bench_grand
 from imports import bench_imports
+from kmeans import bench_kmeans
 from rows import ROW_KEYS, machine, machine_label
 
 from diffprune.io import atomic_path, code_version
@@ -42,13 +44,8 @@ def benchmarks(quick: bool) -> list:
         ("imports", lambda: bench_imports(repeats=1 if quick else 3)),
         ("embedding", lambda: bench_embedding(n=256 if quick else 1024)),
         ("grand", lambda: bench_grand(n=16 if quick else 128)),
+        ("kmeans", lambda: bench_kmeans(n=100_000, k=100) if quick else bench_kmeans()),
     ]
-    # k-means: benchmarks/kmeans.py comes from another branch (bench_kmeans() -> list[dict], the
-    # same row keys); until it is merged there is no k-means row. The lead wires it for good.
-    if importlib.util.find_spec("kmeans") is not None:
-        from kmeans import bench_kmeans
-
-        jobs.append(("kmeans", bench_kmeans))
     return jobs
 
 
