@@ -8,6 +8,7 @@ import torch
 
 from diffprune.data import to_model_input
 from diffprune.diffusion import build_model, build_scheduler, per_sample_loss
+from diffprune.draws import batches, fixed_draws, sample_losses
 from diffprune.errors import DataError
 from diffprune.scores import (
     compute_scores,
@@ -19,10 +20,7 @@ from diffprune.scores import (
 )
 from diffprune.select import select
 from diffprune.surrogate import (
-    batches,
-    fixed_draws,
     load_snapshot,
-    sample_losses,
     snapshot_steps,
     train_moso_surrogates,
     train_surrogate,
