@@ -106,7 +106,7 @@ def test_select_from_clusters_file_and_embedder_sidecar(user_files, capsys):
     assert (meta["embedder"], meta["n_kept"], meta["k"]) == ("efficientnet-lite0", 90, None)
 
 
-def test_a_cli_manifest_is_read_by_evaluation_as_a_workflow_one(user_files, capsys):
+def test_a_cli_manifest_is_read_by_evaluation_as_a_workflow_one(user_files, capsys, random_images):
     """The CLI writes the workflow's sidecar (select.sidecar): evaluation reads its run id and
     selection compute, which the CLI's own format once lacked."""
     out = user_files / "m.parquet"
@@ -116,7 +116,7 @@ def test_a_cli_manifest_is_read_by_evaluation_as_a_workflow_one(user_files, caps
     record = metrics_record(
         selection=selection,
         training={"status": "ok", "steps": 10, "wall_seconds": 1.0},
-        samples=np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8),
+        samples=random_images(4),
         compute_metrics=lambda: {"fd_classifier": 1.0},
     )
     assert record["run"] == "grand-mid_r0.5" and record["seed"] == 2
