@@ -54,7 +54,7 @@ EXTRA_RUNS = ("cluster-balanced_r0.0",)
 
 
 def _alternatives(names: Iterable[str]) -> str:
-    """A regex that matches exactly one of `names`."""
+    """A regex alternation of `names`, literally (group it before adding to it)."""
     return "|".join(re.escape(name) for name in names)
 
 

@@ -82,6 +82,8 @@ def write_skew_report(
     table_md: str | os.PathLike,
     plot_png: str | os.PathLike,
 ) -> pd.DataFrame:
+    """The table (CSV and Markdown) and the class-share plot; with no runs (`skew.arms: []`),
+    outputs that say the study is off."""
     labels = pd.read_parquet(index, columns=["label"])["label"].to_numpy()
     if not metric_files:
         return _write_skew_off(table_csv=table_csv, table_md=table_md, plot_png=plot_png)
