@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from diffprune.paths import FULL
+from diffprune.names import FULL, score_of
 from diffprune.stats import Interval, paired_difference, ratio_of_means
 
 SUPPORTED = "supported"
 CONTRADICTED = "contradicted"
 INCONCLUSIVE = "inconclusive"
 NOT_RUN = "not run"
-SCORE_METHODS = ("el2n", "grand", "forgetting", "moso")
 CLAIM_COLUMNS = [
     "claim", "statement", "comparison", "ratio", "effect", "mean", "low", "high", "n", "verdict",
 ]  # fmt: skip
@@ -164,7 +163,7 @@ def judge_claims(
         statement = f"pruning keeps or improves quality ({metric}, margin {margin:.0%})"
         verdict = _verdict(_oriented(diff, sign), threshold=-allowed)
         rows.append(_row("C1", statement, f"{method} - full data", ratio, diff, verdict))
-    scored = sorted(m for m in frame["method"].unique() if m.split("-")[0] in SCORE_METHODS)
+    scored = sorted(m for m in frame["method"].unique() if score_of(m) is not None)
     for rival in ["random", *scored]:
         for ratio in ratios:
             diff = paired_difference(

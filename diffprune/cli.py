@@ -20,17 +20,8 @@ import diffprune
 from diffprune.cluster import INITS, clusters_frame, kmeans, validate_embeddings
 from diffprune.errors import DataError, DiffpruneError
 from diffprune.io import load_json, provenance, save_json, save_parquet
-from diffprune.select import (
-    BALANCED_ORDERS,
-    KEEPS,
-    SCORE_METHODS,
-    describe,
-    direction,
-    manifest_summary,
-    needs,
-    select,
-    validate_method,
-)
+from diffprune.names import BALANCED_ORDERS, SCORES, Run, needs, validate_method
+from diffprune.select import KEEPS, rule, select, sidecar
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +46,7 @@ Counts are floors: cluster rules keep floor(n_c(1-p)) of each cluster's n_c samp
 others floor(N(1-p)) of all N samples. Ties are broken by sample_id (cluster rules) or
 in a seeded random order (score rules).
 
-What each --method KEEPS (<score> is one of {", ".join(SCORE_METHODS)}):
+What each --method KEEPS (<score> is one of {", ".join(SCORES)}):
 {_KEEPS_HELP}
 
 Cluster rules need --embeddings and --k (k-means is run) or --clusters (a clusters.parquet
@@ -68,8 +59,9 @@ Output (--out): Parquet, one row per sample, sorted by sample_id, with columns
   score     (float64, NaN without scores)
   cluster   (int64, -1 without clusters)
   distance  (float64, Euclidean distance to the own centroid, NaN without clusters)
-and a JSON sidecar next to it (same name, .json) with the method, ratio, direction, seed,
-k, counts, kept per cluster, input hashes and code version.
+and a JSON sidecar next to it (same name, .json; the workflow's format) with the run id,
+method, ratio, direction, seed, k, counts, kept per cluster, the compute the selection cost
+(compute.total_seconds), input hashes and code version.
 """
 
 
@@ -137,16 +129,22 @@ def cmd_select(args: argparse.Namespace) -> None:
         "init": args.init if clustering else None,
         "balanced_order": args.balanced_order,
     }
-    meta = {
-        **params,
-        "direction": direction(method, balanced_order=args.balanced_order),
-        "keeps": describe(method),
-        "embedder": _embedder(args.embeddings),
-        "kmeans_seconds": round(clustering.seconds, 3) if clustering else None,
-        "select_seconds": round(seconds, 3),
-        **manifest_summary(manifest),
-        "provenance": provenance(params=params, inputs=inputs),
-    }
+    compute = {"select_seconds": seconds}
+    if clustering:
+        compute["clusters_seconds"] = clustering.seconds
+    meta = sidecar(
+        manifest,
+        run=Run(method, args.ratio),
+        seed=args.seed,
+        **rule(method, balanced_order=args.balanced_order),
+        compute=compute,
+        k=params["k"],
+        embedder=_embedder(args.embeddings),
+        iterations=params["iterations"],
+        init=params["init"],
+        balanced_order=args.balanced_order,
+        provenance=provenance(params=params, inputs=inputs),
+    )
     save_parquet(args.out, manifest)
     save_json(args.out.with_suffix(".json"), meta)
     print(

@@ -23,7 +23,7 @@ import jsonschema
 import yaml
 
 from diffprune.errors import ConfigError
-from diffprune.paths import FULL, Run
+from diffprune.names import FULL, Run, feature_key, scores_for
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
 
@@ -83,7 +83,7 @@ def grid(params: dict[str, Any]) -> list[tuple[Run, int]]:
     """Every (run, seed) of the study: the baseline, the extra runs, then methods x ratios."""
     study = params["study"]
     runs = [Run(FULL)] if study["baseline"] else []
-    runs += [Run.parse(name) for name in study.get("extra_runs", [])]
+    runs += [Run.parse(name) for name in study["extra_runs"]]
     runs += [Run(m, float(r)) for m in study["methods"] for r in study["ratios"]]
     runs = list(dict.fromkeys(runs))  # an extra run may also be a grid point
     return [(run, seed) for run in runs for seed in study["seeds"]]
@@ -91,7 +91,7 @@ def grid(params: dict[str, Any]) -> list[tuple[Run, int]]:
 
 def metric_names(features: list[str]) -> list[str]:
     """Every metric that evaluate writes for the feature spaces `features` (evaluate.features)."""
-    names = [f"{base}_{feature.replace('-', '_')}" for feature in features for base in METRIC_BASES]
+    names = [f"{base}_{feature_key(feature)}" for feature in features for base in METRIC_BASES]
     if "classifier" in features:
         names += CLASS_METRICS
     return names
@@ -200,8 +200,7 @@ def _cluster_problems(params: dict[str, Any]) -> list[str]:
 
 def _score_problems(params: dict[str, Any]) -> list[str]:
     study, scores, train, problems = params["study"], params["scores"], params["train"], []
-    needed = {m.removesuffix("-inverse").removesuffix("-mid") for m in study["methods"]}
-    needed &= {"el2n", "grand", "forgetting", "moso"}
+    needed = scores_for(study["methods"])
     space = train.get("space", TRAIN_DEFAULTS["space"])
     if needed and (train["model"], space) != ("unet2d", "pixel"):
         problems.append(
@@ -209,24 +208,12 @@ def _score_problems(params: dict[str, Any]) -> list[str]:
             f"{train['model']!r}, train.space = {space!r}: their surrogates "
             "are pixel-space UNets for now; allowed: model unet2d with space pixel"
         )
-    if missing := sorted(needed - set(scores["names"])):
-        problems.append(
-            f"scores.names = {scores['names']!r} lacks {', '.join(missing)}, which study.methods "
-            f"needs; add it so that DVC computes it too"
-        )
     problems += _snapshot_problems(scores)
     timesteps = train.get("num_train_timesteps", TRAIN_DEFAULTS["num_train_timesteps"])
-    if scores.get("timestep") is not None and scores["timestep"] >= timesteps:
+    if scores["timestep"] is not None and scores["timestep"] >= timesteps:
         problems.append(
             f"scores.timestep = {scores['timestep']}: must be < train.num_train_timesteps "
             f"({timesteps}), or null for a random timestep per sample"
-        )
-    surrogates = {"moso" if name == "moso" else "full" for name in scores["names"]}
-    if surrogates != set(scores["surrogates"]):
-        problems.append(
-            f"scores.surrogates = {scores['surrogates']!r} does not match scores.names "
-            f"{scores['names']!r}; it must be {sorted(surrogates)!r} (full for el2n, grand, "
-            f"forgetting; moso for moso)"
         )
     return problems
 

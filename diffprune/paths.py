@@ -8,41 +8,11 @@ values, so `manifest("{run}", "{seed}")` is the rule's output pattern and
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path("data")
 RESULTS = Path("results")
 LOGS = Path("logs")
-
-FULL = "full"
-SKEW = "skew-"  # runs of the fairness study: skew-<arm>
-_RUN_RE = re.compile(r"^(?P<method>[a-z0-9-]+)_r(?P<ratio>[0-9.]+)$")
-
-
-@dataclass(frozen=True, order=True)
-class Run:
-    """One grid point: a selection method at a pruning ratio (fraction removed), or the baseline."""
-
-    method: str
-    ratio: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.method if self.ratio is None else f"{self.method}_r{self.ratio!r}"
-
-    @classmethod
-    def parse(cls, name: str) -> Run:
-        if name == FULL or name.startswith(SKEW):
-            return cls(name)
-        match = _RUN_RE.match(name)
-        if not match:
-            raise ValueError(f"run id {name!r} is not 'full', 'skew-<arm>' or '<method>_r<ratio>'")
-        return cls(match["method"], float(match["ratio"]))
-
-    def __str__(self) -> str:
-        return self.name
 
 
 # download

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 from diffprune import io
 from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
+from diffprune.draws import sample_losses, scoring_batches
 from diffprune.errors import DataError
+from diffprune.names import SCORES
 from diffprune.surrogate import (
     LOSSES,
     META,
@@ -41,13 +43,10 @@ from diffprune.surrogate import (
     WEIGHTS,
     images_sha256,
     load_snapshot,
-    sample_losses,
-    scoring_batches,
 )
 
 log = logging.getLogger(__name__)
 
-SCORES = ("el2n", "grand", "forgetting", "moso")
 # Keys of params["scores"] that compute_scores reads, with their defaults (those of params.yaml).
 DEFAULTS: dict[str, Any] = {"el2n_draws": 1, "timestep": 15, "weights": "ema"}
 

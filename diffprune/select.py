@@ -39,32 +39,27 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from diffprune.errors import ConfigError, DataError
+from diffprune.names import (
+    BALANCED_ORDERS,
+    CLUSTER_METHODS,
+    FULL,
+    Run,
+    needs,
+    score_of,
+    validate_method,
+)
 
 log = logging.getLogger(__name__)
 
-CLUSTER_METHODS = (
-    "cluster-furthest",
-    "cluster-nearest",
-    "cluster-mid",
-    "cluster-random",
-    "cluster-balanced",
-)
-SCORE_METHODS = ("el2n", "grand", "forgetting", "moso")
-_SCORE_SUFFIXES = ("", "-inverse", "-mid")
-METHODS = (
-    "random",
-    *CLUSTER_METHODS,
-    *(f"{score}{suffix}" for score in SCORE_METHODS for suffix in _SCORE_SUFFIXES),
-)
-BALANCED_ORDERS = ("furthest", "nearest")
-
-# What each rule keeps, for the CLI help and the sidecar; "<score>" stands for any SCORE_METHODS.
+# What each rule keeps, for the CLI help and the sidecar; "<score>" stands for any names.SCORES.
 KEEPS = {
     "random": "a uniformly random floor(N(1-p)) of all samples (seeded)",
     "cluster-furthest": "per cluster, the floor(n_c(1-p)) furthest from the centroid",
@@ -82,12 +77,6 @@ KEEPS = {
 }
 
 MANIFEST_COLUMNS = ("sample_id", "keep", "score", "cluster", "distance")
-
-
-def validate_method(method: str) -> str:
-    if method not in METHODS:
-        raise ConfigError(f"unknown selection method {method!r}; allowed: {', '.join(METHODS)}")
-    return method
 
 
 def validate_ratio(ratio: float) -> float:
@@ -153,16 +142,6 @@ def validate_clusters(clusters: pd.DataFrame, n: int | None = None) -> pd.DataFr
     return frame
 
 
-def needs(method: str) -> set[str]:
-    """Inputs a method needs: {"clusters"}, {"scores:<name>"} or nothing (random)."""
-    validate_method(method)
-    if method in CLUSTER_METHODS:
-        return {"clusters"}
-    if method == "random":
-        return set()
-    return {f"scores:{method.removesuffix('-inverse').removesuffix('-mid')}"}
-
-
 def direction(method: str, *, balanced_order: str = "furthest") -> str:
     """One word for the sidecar: which end of the ranking is kept."""
     validate_method(method)
@@ -180,10 +159,8 @@ def direction(method: str, *, balanced_order: str = "furthest") -> str:
 def describe(method: str) -> str:
     """What `method` keeps, in words (its KEEPS entry)."""
     validate_method(method)
-    for score in SCORE_METHODS:
-        if method.startswith(score):
-            return KEEPS[method.replace(score, "<score>", 1)]
-    return KEEPS[method]
+    score = score_of(method)
+    return KEEPS[method if score is None else method.replace(score, "<score>", 1)]
 
 
 def select(
@@ -261,6 +238,54 @@ def manifest_summary(manifest: pd.DataFrame) -> dict:
         "n_kept": n_kept,
         "kept_fraction": n_kept / n_total if n_total else 0.0,
         "kept_per_cluster": {str(c): int(k) for c, k in per_cluster.items()},
+    }
+
+
+def rule(method: str, *, balanced_order: str = "furthest") -> dict[str, str]:
+    """The sidecar's `direction` and `keeps` of a method, or of the baseline `full`."""
+    if method == FULL:
+        return {"direction": "all", "keeps": "every sample"}
+    return {
+        "direction": direction(method, balanced_order=balanced_order),
+        "keeps": describe(method),
+    }
+
+
+def sidecar(
+    manifest: pd.DataFrame,
+    *,
+    run: Run,
+    seed: int,
+    direction: str,
+    keeps: str,
+    compute: Mapping[str, float],
+    provenance: dict[str, Any],
+    k: int | None = None,
+    embedder: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest's JSON sidecar, one format for the workflow's runs, the fairness study's arms
+    and the CLI.
+
+    `direction` and `keeps` say what was kept (`rule`, or the arm's own); `compute` holds the wall
+    seconds of every stage the selection needed (`select_seconds`, and `embeddings_seconds`,
+    `clusters_seconds` or `scores_seconds`), and `total_seconds`, their sum, is added: evaluation
+    reports it as the selection's cost. `extra` keys (the CLI's k-means settings, the skewed set's
+    size) come after `embedder`.
+    """
+    return {
+        "run": run.name,
+        "method": run.method,
+        "ratio": run.ratio,
+        "seed": seed,
+        "direction": direction,
+        "keeps": keeps,
+        "k": k,
+        "embedder": embedder,
+        **extra,
+        **manifest_summary(manifest),
+        "compute": {**compute, "total_seconds": sum(compute.values())},
+        "provenance": provenance,
     }
 
 

@@ -20,11 +20,23 @@ import pandas as pd
 
 from diffprune.cluster import clusters_frame, kmeans
 from diffprune.errors import ConfigError
-from diffprune.metrics import class_shares, kl_divergence
+from diffprune.names import SKEW_ARMS
 from diffprune.select import MANIFEST_COLUMNS, full_manifest, select
 
-ARMS = ("skewed", "random", "cluster-balanced", "label-balanced")
-PREFIX = "skew-"
+# What each arm keeps, for its manifest's sidecar (select.sidecar's `direction` and `keeps`).
+ARM_RULES = {
+    "skewed": {"direction": "all", "keeps": "the whole skewed set"},
+    "random": {"direction": "random", "keeps": "a uniformly random `keep` of the skewed set"},
+    "cluster-balanced": {
+        "direction": "furthest",
+        "keeps": "the same number from every k-means cluster of the skewed set's embeddings (no "
+        "labels), the furthest from the centroid",
+    },
+    "label-balanced": {
+        "direction": "random",
+        "keeps": "a random `keep // classes` of every class (the oracle that sees labels)",
+    },
+}
 
 
 def group_sizes(total: int, groups: int) -> np.ndarray:
@@ -81,8 +93,8 @@ def arm_ids(
     seed: int = 0,
 ) -> tuple[np.ndarray, pd.DataFrame | None]:
     """The sample ids an arm trains on, and for cluster-balanced its clusters of the skewed set."""
-    if arm not in ARMS:
-        raise ConfigError(f"skew arm {arm!r}; allowed: {', '.join(ARMS)}")
+    if arm not in SKEW_ARMS:
+        raise ConfigError(f"skew arm {arm!r}; allowed: {', '.join(SKEW_ARMS)}")
     if arm != "skewed" and not 0 < keep <= len(skewed):
         raise ConfigError(f"skew.keep = {keep}: must be in 1..{len(skewed)} (the skewed set size)")
     rng = np.random.default_rng(seed)
@@ -114,18 +126,6 @@ def arm_manifest(n_total: int, kept_ids: np.ndarray, clusters: pd.DataFrame | No
         manifest.loc[evidence.index, "cluster"] = evidence["cluster"].to_numpy()
         manifest.loc[evidence.index, "distance"] = evidence["distance"].to_numpy(np.float64)
     return manifest[list(MANIFEST_COLUMNS)]
-
-
-def balance(
-    labels: np.ndarray, *, num_classes: int, minority_classes: Sequence[int]
-) -> dict[str, float | list[float]]:
-    """How balanced a set of labels is: its class shares, KL to uniform, minority share."""
-    shares = class_shares(np.asarray(labels), num_classes)
-    return {
-        "shares": shares.round(6).tolist(),
-        "kl_to_uniform": kl_divergence(np.full(num_classes, 1 / num_classes), shares),
-        "minority_share": float(shares[list(minority_classes)].sum()),
-    }
 
 
 def _removed_fraction(keep: int, n: int) -> float:

@@ -8,8 +8,10 @@ import pytest
 
 from diffprune.cli import main
 from diffprune.cluster import clusters_frame, kmeans
-from diffprune.io import file_sha256, save_parquet
-from diffprune.select import CLUSTER_METHODS, select
+from diffprune.evaluate import metrics_record
+from diffprune.io import file_sha256, load_json, save_parquet
+from diffprune.names import CLUSTER_METHODS
+from diffprune.select import select
 
 N_PER, K = 40, 3
 
@@ -52,7 +54,8 @@ def test_select_clusters_a_users_npy(user_files, capsys):
     assert manifest.groupby("cluster")["keep"].sum().tolist() == [20, 20, 20]
 
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert {k: meta[k] for k in ("method", "ratio", "direction", "seed", "k", "init")} == {
+    assert {k: meta[k] for k in ("run", "method", "ratio", "direction", "seed", "k", "init")} == {
+        "run": "cluster-furthest_r0.5",
         "method": "cluster-furthest",
         "ratio": 0.5,
         "direction": "furthest",
@@ -64,7 +67,9 @@ def test_select_clusters_a_users_npy(user_files, capsys):
     assert meta["kept_per_cluster"] == {"0": 20, "1": 20, "2": 20}
     assert meta["provenance"]["inputs"] == {"embeddings": file_sha256(user_files / "emb.npy")}
     assert meta["provenance"]["code_version"]
-    assert meta["kmeans_seconds"] >= 0 and meta["select_seconds"] >= 0
+    compute = meta["compute"]
+    assert compute["clusters_seconds"] >= 0 and compute["select_seconds"] >= 0
+    assert compute["total_seconds"] == compute["clusters_seconds"] + compute["select_seconds"]
     assert "furthest from the centroid" in meta["keeps"]
     assert meta["embedder"] is None
 
@@ -99,6 +104,25 @@ def test_select_from_clusters_file_and_embedder_sidecar(user_files, capsys):
     assert run([*argv, "--ratio", 0.25, "--out", user_files / "r.parquet"], capsys)[0] == 0
     meta = json.loads((user_files / "r.json").read_text())
     assert (meta["embedder"], meta["n_kept"], meta["k"]) == ("efficientnet-lite0", 90, None)
+
+
+def test_a_cli_manifest_is_read_by_evaluation_as_a_workflow_one(user_files, capsys, random_images):
+    """The CLI writes the workflow's sidecar (select.sidecar): evaluation reads its run id and
+    selection compute, which the CLI's own format once lacked."""
+    out = user_files / "m.parquet"
+    argv = ["select", "--scores", user_files / "scores.npy", "--method", "grand-mid"]
+    assert run([*argv, "--ratio", 0.5, "--seed", 2, "--out", out], capsys)[0] == 0
+    selection = load_json(out.with_suffix(".json"))
+    record = metrics_record(
+        selection=selection,
+        training={"status": "ok", "steps": 10, "wall_seconds": 1.0},
+        samples=random_images(4),
+        compute_metrics=lambda: {"fd_classifier": 1.0},
+    )
+    assert record["run"] == "grand-mid_r0.5" and record["seed"] == 2
+    assert (record["n_total"], record["n_kept"], record["kept_fraction"]) == (120, 60, 0.5)
+    assert record["selection_seconds"] == selection["compute"]["select_seconds"] > 0
+    assert record["status"] == "ok" and record["fd_classifier"] == 1.0
 
 
 def test_select_is_byte_identical(user_files, capsys):

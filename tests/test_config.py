@@ -8,7 +8,6 @@ import yaml
 
 from diffprune.config import grid, load_params, validate_params
 from diffprune.errors import ConfigError
-from diffprune.paths import Run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +49,7 @@ def test_default_params_are_valid():
     validate_params(params(train__model="dit", train__block_channels=DELETE))  # not needed
     validate_params(params(train__dit_size=DELETE, train__conditional=DELETE))  # code defaults
     validate_params(params(scores__timestep=None, scores__weights="raw"))
-    validate_params(params(scores__timestep=DELETE, scores__weights=DELETE))  # code defaults
+    validate_params(params(study__methods=["el2n-mid", "moso"]))  # scores follow from methods
     validate_params(
         params(
             autoencoder__source="pretrained", autoencoder__pretrained="stabilityai/sd-vae-ft-ema"
@@ -78,11 +77,9 @@ def test_default_params_are_valid():
             {"evaluate__features": ["classifier", "efficientnet-lite0", "inception"]},
             "evaluate.inception_weights = null",
         ),
-        ({"study__methods": ["el2n-mid"]}, "scores.names = [] lacks el2n, which study.methods"),
-        (
-            {"scores__names": ["moso"], "scores__surrogates": ["full"]},
-            "scores.surrogates = ['full'] does not match scores.names ['moso']; it must be",
-        ),
+        ({"scores__timestep": DELETE}, "scores: 'timestep' is a required property"),
+        ({"select__balanced_order": DELETE}, "select: 'balanced_order' is a required property"),
+        ({"scores__names": ["el2n"]}, "scores: unknown key(s) names; allowed: batch_size"),
         (
             {"autoencoder__source": "pretrained"},
             "autoencoder.pretrained = null: source pretrained needs a local folder",
@@ -164,22 +161,9 @@ def test_grid_is_baseline_then_methods_by_ratio_per_seed():
     assert len(names) == 2 + 2 * 2 * 2
 
 
-@pytest.mark.parametrize(
-    "name", ["full", "random_r0.5", "cluster-furthest_r0.25", "el2n-mid_r0.9", "skew-random"]
-)
-def test_run_ids_round_trip(name):
-    assert Run.parse(name).name == name
-
-
-def test_bad_run_id():
-    with pytest.raises(ValueError, match="is not 'full'"):
-        Run.parse("random-0.5")
-
-
 def test_score_methods_need_the_pixel_unet():
     params = copy.deepcopy(DEFAULT)
     params["study"]["methods"] = ["el2n"]
-    params["scores"] |= {"names": ["el2n"], "surrogates": ["full"]}
     params["train"] |= {"model": "dit", "space": "latent"}
     with pytest.raises(ConfigError, match=r"score methods \(el2n\).*allowed: model unet2d"):
         validate_params(params)

@@ -29,15 +29,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SAMPLE = {"num_samples": 5, "steps": 2, "batch_size": 4, "grid_size": 2}
 SAMPLE_ARGS = {k: v for k, v in SAMPLE.items() if k != "grid_size"}
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffprune.data import to_model_input
-from diffprune.diffusion import build_model, build_scheduler, per_sample_loss
+from diffprune.diffusion import build_scheduler, per_sample_loss
+from diffprune.draws import batches, fixed_draws, sample_losses
 from diffprune.errors import DataError
 from diffprune.scores import (
     compute_scores,
@@ -19,10 +20,7 @@ from diffprune.scores import (
 )
 from diffprune.select import select
 from diffprune.surrogate import (
-    batches,
-    fixed_draws,
     load_snapshot,
-    sample_losses,
     snapshot_steps,
     train_moso_surrogates,
     train_surrogate,
@@ -34,51 +32,15 @@ from diffprune.train import load_model
 RAW_RANDOM = {"weights": "raw", "timestep": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads per process
-    oversubscribe the cores and slow these tests by 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_cfg(**overrides):
-    cfg = {
-        "model": "unet2d",
-        "objective": "ddpm",
-        "resolution": 8,
-        "block_channels": [8, 16],
-        "layers_per_block": 1,
-        "steps": 6,
-        "batch_size": 4,
-        "lr": 1e-3,
-        "ema_decay": 0.9,
-        "checkpoint_every": 100,
-        "log_every": 100,
-        "mixed_precision": "no",
-        "device": "cpu",
-    }
-    return {**cfg, **overrides}
-
-
-def tiny_model(cfg, channels=1):
-    torch.manual_seed(0)
-    return build_model(cfg, in_channels=channels)
-
-
-def tiny_images(n, channels=1, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, channels), dtype=np.uint8)
-
-
 @pytest.mark.parametrize(
     ("objective", "attention", "channels"),
     [("ddpm", False, 1), ("flow", False, 3), ("ddpm", True, 1)],
 )
-def test_batched_grand_equals_batch_size_one_loop(objective, attention, channels):
-    cfg = tiny_cfg(objective=objective, attention=attention)
-    model, images = tiny_model(cfg, channels), tiny_images(7, channels)
+def test_batched_grand_equals_batch_size_one_loop(
+    objective, attention, channels, tiny_unet_cfg, tiny_unet, random_images
+):
+    cfg = tiny_unet_cfg(objective=objective, attention=attention)
+    model, images = tiny_unet(cfg, channels), random_images(7, channels=channels)
     batched = grand(model, images, cfg=cfg, seed=3, batch_size=4, progress=False)
     loop = grand_loop(model, images, cfg=cfg, seed=3, progress=False)
     assert batched.dtype == np.float64 and batched.shape == (7,)
@@ -101,9 +63,9 @@ def explicit_gradients(model, images, cfg, seed):
     return torch.stack(rows).numpy()
 
 
-def test_moso_equals_formula_on_explicit_gradients():
-    cfg = tiny_cfg()
-    model, images = tiny_model(cfg), tiny_images(6)
+def test_moso_equals_formula_on_explicit_gradients(tiny_unet_cfg, tiny_unet, random_images):
+    cfg = tiny_unet_cfg()
+    model, images = tiny_unet(cfg), random_images(6)
     G = explicit_gradients(model, images, cfg, seed=1)
     n, g = len(G), G.mean(0)
     direct = np.array(
@@ -120,10 +82,10 @@ def test_moso_equals_formula_on_explicit_gradients():
     assert np.ptp(direct) > 1e-3 * np.abs(direct).max()
 
 
-def test_moso_needs_two_samples():
-    cfg = tiny_cfg()
+def test_moso_needs_two_samples(tiny_unet_cfg, tiny_unet, random_images):
+    cfg = tiny_unet_cfg()
     with pytest.raises(ValueError, match="n=1"):
-        moso(tiny_model(cfg), tiny_images(1), cfg=cfg, progress=False)
+        moso(tiny_unet(cfg), random_images(1), cfg=cfg, progress=False)
 
 
 def test_forgetting_counts_rises_per_sample_and_selection_follows_score():
@@ -144,9 +106,11 @@ def test_forgetting_counts_rises_per_sample_and_selection_follows_score():
         forgetting(losses[:1])
 
 
-def test_el2n_is_deterministic_per_seed_and_independent_of_batch_size():
-    cfg = tiny_cfg()
-    model, images = tiny_model(cfg), tiny_images(7)
+def test_el2n_is_deterministic_per_seed_and_independent_of_batch_size(
+    tiny_unet_cfg, tiny_unet, random_images
+):
+    cfg = tiny_unet_cfg()
+    model, images = tiny_unet(cfg), random_images(7)
     a = el2n(model, images, cfg=cfg, seed=5, batch_size=2, progress=False)
     b = el2n(model, images, cfg=cfg, seed=5, batch_size=7, progress=False)
     c = el2n(model, images, cfg=cfg, seed=6, batch_size=7, progress=False)
@@ -166,24 +130,26 @@ def test_el2n_is_deterministic_per_seed_and_independent_of_batch_size():
     np.testing.assert_allclose(shifted, a[1:], rtol=1e-6)
 
 
-def test_fixed_timestep_keeps_the_per_sample_noise():
-    cfg, images = tiny_cfg(), tiny_images(3)
+def test_fixed_timestep_keeps_the_per_sample_noise(tiny_unet_cfg, tiny_unet, random_images):
+    cfg, images = tiny_unet_cfg(), random_images(3)
     x0 = to_model_input(images, 8)
     scheduler = build_scheduler(cfg)
     noise, t = fixed_draws(x0, np.arange(3), scheduler, seed=0)
     fixed_noise, fixed_t = fixed_draws(x0, np.arange(3), scheduler, seed=0, timestep=500)
     assert fixed_t.tolist() == [500, 500, 500] and t.unique().numel() == 3
     torch.testing.assert_close(fixed_noise, noise)
-    model = tiny_model(cfg)
+    model = tiny_unet(cfg)
     expected = per_sample_loss(model, scheduler, x0, noise=noise, timesteps=fixed_t)
     scores = el2n(model, images, cfg=cfg, timestep=500, progress=False)
     np.testing.assert_allclose(scores, expected.detach().numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
-def test_fixed_timestep_scores_ignore_batch_size_and_order(objective):
-    cfg = tiny_cfg(objective=objective)
-    model, images = tiny_model(cfg), tiny_images(7)
+def test_fixed_timestep_scores_ignore_batch_size_and_order(
+    objective, tiny_unet_cfg, tiny_unet, random_images
+):
+    cfg = tiny_unet_cfg(objective=objective)
+    model, images = tiny_unet(cfg), random_images(7)
     ids = np.arange(100, 107)  # sample ids, not positions, seed the noise
     order = np.random.default_rng(1).permutation(7)
     for score in (el2n, grand):
@@ -194,9 +160,10 @@ def test_fixed_timestep_scores_ignore_batch_size_and_order(objective):
         assert np.unique(whole).size == 7
 
 
-def hand_loss(model, x0, noise, objective):
+def hand_loss(model, x0, noise, cfg):
     """One sample's loss at the reference's timestep 15 of 1000, written out from the formulas."""
-    scheduler = build_scheduler(tiny_cfg(objective=objective))
+    objective = cfg["objective"]
+    scheduler = build_scheduler(cfg)
     if objective == "ddpm":
         alpha_bar = scheduler.alphas_cumprod[15]
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
@@ -208,12 +175,14 @@ def hand_loss(model, x0, noise, objective):
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
-def test_fixed_timestep_scores_equal_the_hand_computed_loss_and_gradient(objective):
-    cfg = tiny_cfg(objective=objective)
-    model, images, sample = tiny_model(cfg).eval(), tiny_images(3), 2
+def test_fixed_timestep_scores_equal_the_hand_computed_loss_and_gradient(
+    objective, tiny_unet_cfg, tiny_unet, random_images
+):
+    cfg = tiny_unet_cfg(objective=objective)
+    model, images, sample = tiny_unet(cfg).eval(), random_images(3), 2
     x0 = to_model_input(images[sample : sample + 1], 8)
     noise, _ = fixed_draws(x0, [sample], build_scheduler(cfg), seed=4)
-    loss = hand_loss(model, x0, noise, objective)
+    loss = hand_loss(model, x0, noise, cfg)
     grad_norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, model.parameters())])
     kwargs = {"cfg": cfg, "seed": 4, "progress": False}
     assert el2n(model, images, timestep=15, **kwargs)[sample] == pytest.approx(loss.item(), 1e-5)
@@ -232,8 +201,10 @@ def test_snapshot_steps_are_evenly_spaced():
         snapshot_steps(3, 4)
 
 
-def test_surrogate_records_losses_at_snapshots_and_scores_read_them(tmp_path):
-    cfg, images = tiny_cfg(steps=6), tiny_images(10)
+def test_surrogate_records_losses_at_snapshots_and_scores_read_them(
+    tmp_path, tiny_unet_cfg, random_images
+):
+    cfg, images = tiny_unet_cfg(steps=6), random_images(10)
     meta = train_surrogate(
         images, cfg=cfg, seed=0, out_dir=tmp_path / "sur", checkpoint_dir=tmp_path / "ckpt",
         num_snapshots=3, record_losses=True, progress=False,
@@ -292,9 +263,9 @@ def test_surrogate_records_losses_at_snapshots_and_scores_read_them(tmp_path):
         compute_scores("el2n", **common, cfg={"weights": "swa"})
 
 
-def test_more_snapshots_break_forgetting_ties(tmp_path):
+def test_more_snapshots_break_forgetting_ties(tmp_path, tiny_unet_cfg, random_images):
     # A high learning rate, so that losses go up and down within a few steps as in a long run.
-    cfg, images = tiny_cfg(steps=40, lr=1e-2), tiny_images(24)
+    cfg, images = tiny_unet_cfg(steps=40, lr=1e-2), random_images(24)
     train_surrogate(
         images, cfg=cfg, seed=0, out_dir=tmp_path / "sur", checkpoint_dir=tmp_path / "ckpt",
         num_snapshots=20, record_losses=True, progress=False,
@@ -311,8 +282,10 @@ def test_more_snapshots_break_forgetting_ties(tmp_path):
     assert distinct_5 <= 5 < distinct_20 and tie_20 < tie_5
 
 
-def test_moso_surrogates_score_each_sample_in_its_own_subset(tmp_path):
-    cfg, images = tiny_cfg(steps=4), tiny_images(9)
+def test_moso_surrogates_score_each_sample_in_its_own_subset(
+    tmp_path, tiny_unet_cfg, random_images
+):
+    cfg, images = tiny_unet_cfg(steps=4), random_images(9)
     meta = train_moso_surrogates(
         images, num_subsets=2, cfg=cfg, seed=0, out_dir=tmp_path / "moso",
         checkpoint_dir=tmp_path / "ckpt", num_snapshots=2, progress=False,

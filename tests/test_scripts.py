@@ -302,6 +302,7 @@ def test_skew_select_script_writes_each_arms_kept_set(root, stores, arm):
     np.testing.assert_array_equal(kept, np.sort(expected))
     assert len(manifest) == 48 and set(kept) <= set(skewed)
     assert meta["n_kept"] == len(kept) and meta["skewed_size"] == len(skewed) == 40
+    assert meta["run"] == meta["method"] == f"skew-{arm}" and meta["ratio"] is None
     if arm == "skewed":
         assert len(kept) == 40
     elif arm == "random":

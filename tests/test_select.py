@@ -5,15 +5,13 @@ import pytest
 from diffprune.cluster import clusters_frame, kmeans
 from diffprune.errors import ConfigError, DataError
 from diffprune.io import save_parquet
+from diffprune.names import CLUSTER_METHODS, METHODS, needs
 from diffprune.select import (
-    CLUSTER_METHODS,
     KEEPS,
-    METHODS,
     describe,
     direction,
     full_manifest,
     manifest_summary,
-    needs,
     select,
 )
 

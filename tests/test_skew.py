@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from diffprune.errors import ConfigError
-from diffprune.skew import arm_ids, arm_manifest, balance, skewed_ids
+from diffprune.skew import arm_ids, arm_manifest, skewed_ids
 
 
 def toy_labels(per_class=100, classes=5):
@@ -64,13 +64,6 @@ def test_label_balanced_oracle_and_manifest():
     manifest = arm_manifest(200, kept, None)
     assert len(manifest) == 200 and manifest["keep"].sum() == 50
     assert set(manifest.loc[manifest["keep"], "sample_id"]) == set(kept)
-
-
-def test_balance_reports_minority_share_and_kl():
-    report = balance(np.array([0, 0, 0, 1]), num_classes=2, minority_classes=[1])
-    assert report["minority_share"] == 0.25 and report["shares"] == [0.75, 0.25]
-    assert report["kl_to_uniform"] > 0
-    assert balance(np.array([0, 1]), num_classes=2, minority_classes=[1])["kl_to_uniform"] < 1e-5
 
 
 def test_cluster_balanced_arm_keeps_about_keep_samples_equally_from_every_cluster():

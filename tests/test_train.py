@@ -46,15 +46,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # A conditional two-block DiT with flow matching; label dropout 0.5 so that a few steps drop some.
 DIT = {
     **{k: v for k, v in TINY.items() if k not in ("block_channels", "layers_per_block")},

@@ -100,9 +100,8 @@ def test_score_methods_run_end_to_end(study):
     methods = ["el2n", "grand-inverse", "forgetting", "moso-mid"]
     params = tiny_params(
         study={**tiny_params()["study"], "methods": methods},
-        scores={**tiny_params()["scores"], "names": ["el2n", "grand", "forgetting", "moso"],
-                "surrogates": ["full", "moso"], "steps": 4, "num_snapshots": 2,
-                "moso_steps": 2, "moso_snapshots": 1, "batch_size": 16},
+        scores={**tiny_params()["scores"], "steps": 4, "num_snapshots": 2, "moso_steps": 2,
+                "moso_snapshots": 1, "batch_size": 16},
     )  # fmt: skip
     write_params(study, params)
     try:

@@ -1,25 +1,18 @@
 # Shared by all rules: config validation, the study grid and input functions.
-from diffprune import paths
+from diffprune import names, paths
 from diffprune.config import grid, validate_params
-from diffprune.paths import FULL, Run
-from diffprune.select import needs
+from diffprune.names import FULL, SKEW, Run, needs
 
 validate_params(config, source="params.yaml (with --config overrides)")
 
 GRID = grid(config)
 REPORT = config["report"]["dir"]
-SKEW_RUNS = [(f"{paths.SKEW}{arm}", seed) for arm in config["skew"]["arms"] for seed in config["study"]["seeds"]]
-SPLITS = ("train", "test")
+SKEW_RUNS = [(Run.skew(arm).name, seed) for arm in config["skew"]["arms"] for seed in config["study"]["seeds"]]
+SPLITS = names.SPLITS
 
 
 wildcard_constraints:
-    split="train|test",
-    score="el2n|grand|forgetting|moso",
-    kind="full|moso",
-    feature="|".join(["classifier", "efficientnet-lite0", "inception"]),
-    run=r"full|skew-[a-z-]+|[a-z0-9-]+_r[0-9.]+",
-    arm="|".join(["skewed", "random", "cluster-balanced", "label-balanced"]),
-    seed=r"\d+",
+    **names.wildcard_constraints(),
 
 
 def store_files(split):
@@ -65,7 +58,7 @@ def sample_inputs(wildcards):
 
 
 def surrogate_for(wildcards):
-    return paths.surrogate("moso" if wildcards.score == "moso" else "full")
+    return paths.surrogate(names.SURROGATE_OF[wildcards.score])
 
 
 def reference_inputs(wildcards):

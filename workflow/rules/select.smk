@@ -1,7 +1,7 @@
 rule select:
     """Prune manifest of one run: every training sample with keep=True/False and the evidence."""
     wildcard_constraints:
-        run=r"full|[a-z0-9-]+_r[0-9.]+",
+        run=names.SELECTED_RUN,
     input:
         unpack(selection_inputs),
     output:

@@ -9,8 +9,8 @@ rule skew_select:
         embeddings=paths.embeddings(),
         embeddings_meta=paths.embeddings_meta(),
     output:
-        manifest=paths.manifest(f"{paths.SKEW}{{arm}}", "{seed}"),
-        meta=paths.manifest_meta(f"{paths.SKEW}{{arm}}", "{seed}"),
+        manifest=paths.manifest(f"{SKEW}{{arm}}", "{seed}"),
+        meta=paths.manifest_meta(f"{SKEW}{{arm}}", "{seed}"),
     params:
         skew=config["skew"],
         cluster=config["cluster"],

@@ -17,7 +17,7 @@ scores, info = compute_scores(
     cfg=cfg,
     seed=cfg["seed"],
     batch_size=cfg["batch_size"],
-    device=cfg.get("device", "auto"),
+    device=cfg["device"],
 )
 io.save_npy(snakemake.output.scores, scores)
 io.save_json(snakemake.output.meta, info)

@@ -5,8 +5,8 @@ import pandas as pd
 
 from diffprune import io
 from diffprune.logs import setup, stopwatch
-from diffprune.paths import FULL, Run
-from diffprune.select import direction, full_manifest, manifest_summary, select
+from diffprune.names import FULL, Run
+from diffprune.select import full_manifest, rule, select, sidecar
 
 setup(snakemake.log[0])
 run, seed = Run.parse(snakemake.wildcards.run), int(snakemake.wildcards.seed)
@@ -15,7 +15,7 @@ n = len(pd.read_parquet(inputs.index, columns=["sample_id"]))
 clusters = pd.read_parquet(inputs.clusters) if inputs.get("clusters") else None
 scores = np.load(inputs.scores) if inputs.get("scores") else None
 
-order = snakemake.params.select.get("balanced_order", "furthest")
+order = snakemake.params.select["balanced_order"]
 with stopwatch() as timing:
     if run.method == FULL:
         manifest = full_manifest(n)
@@ -35,24 +35,21 @@ compute = {"select_seconds": timing["seconds"]}
 for name in ("embeddings_meta", "clusters_meta", "scores_meta"):
     if inputs.get(name):
         compute[name.replace("_meta", "_seconds")] = io.load_json(inputs.get(name))["seconds"]
-compute["total_seconds"] = sum(compute.values())
 
 io.save_parquet(snakemake.output.manifest, manifest)
 io.save_json(
     snakemake.output.meta,
-    {
-        "run": run.name,
-        "method": run.method,
-        "ratio": run.ratio,
-        "seed": seed,
-        "direction": "all" if run.method == FULL else direction(run.method, balanced_order=order),
-        "k": snakemake.params.cluster["k"] if clusters is not None else None,
-        "embedder": io.load_json(inputs.embeddings_meta)["model"] if clusters is not None else None,
-        **manifest_summary(manifest),
-        "compute": compute,
-        "provenance": io.provenance(
+    sidecar(
+        manifest,
+        run=run,
+        seed=seed,
+        **rule(run.method, balanced_order=order),
+        compute=compute,
+        k=snakemake.params.cluster["k"] if clusters is not None else None,
+        embedder=io.load_json(inputs.embeddings_meta)["model"] if clusters is not None else None,
+        provenance=io.provenance(
             params={"select": dict(snakemake.params.select), "run": run.name, "seed": seed},
             inputs={k: v for k, v in inputs.items() if isinstance(v, str)},
         ),
-    },
+    ),
 )

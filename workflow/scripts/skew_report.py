@@ -2,7 +2,7 @@
 
 from diffprune import io
 from diffprune.logs import setup
-from diffprune.report import write_skew_report
+from diffprune.skew_report import write_skew_report
 
 setup(snakemake.log[0])
 out = snakemake.output

@@ -5,8 +5,9 @@ import pandas as pd
 
 from diffprune import io
 from diffprune.logs import setup, stopwatch
-from diffprune.select import manifest_summary
-from diffprune.skew import arm_ids, arm_manifest, skewed_ids
+from diffprune.names import Run
+from diffprune.select import sidecar
+from diffprune.skew import ARM_RULES, arm_ids, arm_manifest, skewed_ids
 
 setup(snakemake.log[0])
 cfg, arm = snakemake.params.skew, snakemake.wildcards.arm
@@ -32,25 +33,25 @@ with stopwatch() as timing:
     )
 manifest = arm_manifest(len(labels), kept, clusters)
 io.save_parquet(snakemake.output.manifest, manifest)
-embed_seconds = io.load_json(snakemake.input.embeddings_meta)["seconds"]
+embedding = io.load_json(snakemake.input.embeddings_meta)
 uses_embeddings = arm == "cluster-balanced"
 io.save_json(
     snakemake.output.meta,
-    {
-        "run": f"skew-{arm}",
-        "method": f"skew-{arm}",
-        "ratio": None,
-        "seed": seed,
-        "skewed_size": len(skewed),
-        **manifest_summary(manifest),
-        "compute": {
+    sidecar(
+        manifest,
+        run=Run.skew(arm),
+        seed=seed,
+        **ARM_RULES[arm],
+        compute={
             "select_seconds": timing["seconds"],
-            "embeddings_seconds": embed_seconds if uses_embeddings else 0.0,
-            "total_seconds": timing["seconds"] + (embed_seconds if uses_embeddings else 0.0),
+            "embeddings_seconds": embedding["seconds"] if uses_embeddings else 0.0,
         },
-        "provenance": io.provenance(
+        k=cfg["k"] if uses_embeddings else None,
+        embedder=embedding["model"] if uses_embeddings else None,
+        skewed_size=len(skewed),
+        provenance=io.provenance(
             params={"skew": dict(cfg), "arm": arm, "seed": seed},
             inputs={"index": snakemake.input.index, "embeddings": snakemake.input.embeddings},
         ),
-    },
+    ),
 )

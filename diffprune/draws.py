@@ -1,0 +1,161 @@
+"""Per-sample quantities under fixed, seeded draws: every sample gets its own noise and timestep
+from a generator seeded by (seed, sample_id, draw), so a sample's draw does not depend on the
+batch size, on the subset it sits in or on the device. Loss records taken at different snapshots
+of a surrogate are then comparable, and scores are reproducible (diffprune.surrogate,
+diffprune.scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffprune.data import to_model_input
+from diffprune.diffusion import build_scheduler, draw, fixed_timestep, per_sample_loss
+
+
+def fixed_draws(
+    x0: torch.Tensor,
+    sample_ids: np.ndarray,
+    scheduler: Any,
+    *,
+    seed: int,
+    draw_index: int = 0,
+    timestep: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timestep for each sample of a CPU batch, seeded by (seed, sample_id, draw_index).
+
+    `timestep` (a DDPM-style index, see diffusion.fixed_timestep) replaces the drawn t by one fixed
+    value for every sample (the reference's t = 15 of 1000 for EL2N and GraNd); the noise is still
+    per sample and the same as without it.
+    """
+    noises, steps = [], []
+    for i, sample_id in enumerate(sample_ids):
+        state = np.random.SeedSequence([seed, int(sample_id), draw_index]).generate_state(
+            1, np.uint64
+        )
+        generator = torch.Generator().manual_seed(int(state[0]))
+        noise, t = draw(x0[i : i + 1], scheduler, generator=generator)
+        noises.append(noise)
+        steps.append(t)
+    noise, t = torch.cat(noises), torch.cat(steps)
+    if timestep is not None:
+        t = torch.full_like(t, fixed_timestep(scheduler, timestep))
+    return noise, t
+
+
+def batches(
+    images: np.ndarray,
+    *,
+    resolution: int,
+    scheduler: Any,
+    sample_ids: np.ndarray,
+    seed: int,
+    draw_index: int = 0,
+    timestep: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (rows, x0, noise, t) on `device` for consecutive batches of uint8 NHWC images."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(sample_ids) != len(images):
+        raise ValueError(f"{len(sample_ids)} sample_ids for {len(images)} images; need one each")
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            rows = slice(start, min(start + batch_size, len(images)))
+            x0 = to_model_input(np.asarray(images[rows]), resolution)
+            noise, t = fixed_draws(
+                x0, sample_ids[rows], scheduler, seed=seed, draw_index=draw_index, timestep=timestep
+            )
+            yield rows, x0.to(device), noise.to(device), t.to(device)
+            bar.update(rows.stop - rows.start)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def scoring_batches(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    scheduler: Any,
+    sample_ids: np.ndarray | None = None,
+    seed: int = 0,
+    draw_index: int = 0,
+    timestep: int | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`batches` for scoring `model`: on its device, in eval mode and float32 (autocast off),
+    with the fixed per-sample draws; the model's mode is restored afterwards."""
+    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield from batches(
+                images,
+                resolution=cfg["resolution"],
+                scheduler=scheduler,
+                sample_ids=sample_ids,
+                seed=seed,
+                draw_index=draw_index,
+                timestep=timestep,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                desc=desc,
+            )
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sample_losses(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    sample_ids: np.ndarray | None = None,
+    seed: int = 0,
+    draw_index: int = 0,
+    timestep: int | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
+    """Per-sample diffusion loss (float64, (N,)) of `model` under the fixed per-sample draws.
+
+    `cfg` is the train config the model was built from (objective, resolution, scheduler).
+    Runs on the model's device, in float32 (autocast off), in eval mode; restores the mode after.
+    """
+    scheduler = build_scheduler(cfg)
+    out = np.empty(len(images), dtype=np.float64)
+    for rows, x0, noise, t in scoring_batches(
+        model,
+        images,
+        cfg=cfg,
+        scheduler=scheduler,
+        sample_ids=sample_ids,
+        seed=seed,
+        draw_index=draw_index,
+        timestep=timestep,
+        batch_size=batch_size,
+        progress=progress,
+        desc="losses",
+    ):
+        loss = per_sample_loss(
+            model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
+        )
+        out[rows] = loss.double().cpu().numpy()
+    return out
