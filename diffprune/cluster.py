@@ -28,16 +28,15 @@ point (see `_fill_empty`), so every cluster id 0..k-1 has at least one member.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
 
 from diffprune.errors import ConfigError, DataError
+from diffprune.machine import describe
 
 log = logging.getLogger(__name__)
 
@@ -153,25 +152,12 @@ def kmeans(
 
 def machine() -> dict[str, object]:
     """What a result that is not bitwise reproducible may depend on: CPU, SIMD, libraries."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-            if cpu and flags:
-                break
     return {
-        "cpu": cpu,
-        "cpu_simd": sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c"))),
+        **describe(),
         "faiss": faiss.__version__,
         # older faiss builds (some GPU wheels) have no SIMDConfig
         "faiss_simd": faiss.SIMDConfig.get_level_name() if hasattr(faiss, "SIMDConfig") else None,
         "faiss_gpus": faiss.get_num_gpus(),
-        "numpy": np.__version__,
     }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from diffprune import classifier as cnn
-from diffprune import status
+from diffprune import machine, status
 from diffprune.data import to_model_input, to_uint8
 from diffprune.features import FEATURE_LABELS, FeatureExtractor, extract
 from diffprune.metrics import (
@@ -111,6 +111,8 @@ def metrics_record(
         "selection_seconds": selection["compute"]["total_seconds"],
         "train_seconds": training.get("wall_seconds"),  # None when training failed
         "train_steps": training["steps"],
+        # float32 training is not bitwise reproducible across CPU types: the report names these
+        "train_machine": machine.label(training["machine"]) if "machine" in training else None,
     }
     reason = run_failure(training, samples)
     if reason is not None:

@@ -285,6 +285,7 @@ def write_report(
     if len(failures):
         listed = "; ".join(f"{r.run} seed {r.seed}: {r.failure}" for r in failures.itertuples())
         sections.append(f"Failed runs (shown as failed, never as numbers): {listed}\n")
+    sections.append(machines_text(frame))
     if headline in frame:
         sections.append(warning + paired_markdown(frame, headline))
     for metric in metrics:
@@ -305,6 +306,20 @@ def write_report(
     with io.atomic_path(summary_csv) as tmp:
         frame[[c for c in columns if c in frame]].to_csv(tmp, index=False, float_format="%.6g")
     return frame
+
+
+def machines_text(frame: pd.DataFrame) -> str:
+    """Which machines trained the runs: float32 training is not bitwise reproducible across CPU
+    (or GPU) types, so a rerun elsewhere moves each number by less than the spread over seeds."""
+    found = sorted(frame["train_machine"].dropna().unique()) if "train_machine" in frame else []
+    if not found:
+        return "Training machine: not recorded in these metrics.\n"
+    return (
+        f"Trained on: {'; '.join(found)}. Selection is bitwise reproducible on any machine; "
+        "float32 training is not across CPU or GPU types (each train.json records its machine), "
+        "so a rerun on another type gives numbers within the spread over seeds, not the same "
+        "digits.\n"
+    )
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:

@@ -71,7 +71,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from dvclive import Live
 from tqdm.auto import tqdm
 
-from diffprune import checkpoints, io
+from diffprune import checkpoints, io, machine
 from diffprune.data import to_model_input
 from diffprune.device import resolve_device
 from diffprune.diffusion import (
@@ -312,6 +312,7 @@ def train(
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": world,
             "parameters": n_params,
+            "machine": machine.describe(),
             "code_version": io.code_version(),
         }
         if main:

@@ -16,7 +16,7 @@ from diffprune.claims import (
 )
 from diffprune.classifier import save_classifier, train_classifier
 from diffprune.evaluate import class_balance
-from diffprune.report import collect, table, write_report
+from diffprune.report import collect, machines_text, table, write_report
 from tests.test_classifier import bars
 
 FLOOR = {"max_class_kl": 0.15, "min_share_ratio": 1 / 3}
@@ -191,3 +191,11 @@ def test_report_shows_failed_runs_and_kept_fractions(tmp_path):
     assert set(claims["claim"]) == {"C1", "C2", "C3", "C4"}
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert summary.loc[summary["status"] == "failed", "fd_x"].isna().all()
+
+
+def test_report_names_the_training_machines():
+    frame = pd.DataFrame({"train_machine": ["CPU A", "CPU B", "CPU A", None]})
+    text = machines_text(frame)
+    assert text.startswith("Trained on: CPU A; CPU B.")
+    assert "within the spread over seeds" in text
+    assert machines_text(pd.DataFrame({"run": ["x"]})).startswith("Training machine: not recorded")

@@ -172,6 +172,7 @@ def test_training_reduces_loss_on_constant_images(tmp_path, objective):
     assert record["status"] == "ok"
     assert record["device"] == "cpu" and record["mixed_precision"] == "no"
     assert record["wall_seconds"] > 0 and record["resumed_from_step"] == 0
+    assert record["machine"]["cpu"] and record["machine"]["torch"] == torch.__version__
     curve = pd.read_csv(tmp_path / "live" / "plots" / "metrics" / "loss.tsv", sep="\t")
     assert curve["step"].tolist() == [10, 20, 30, 40, 50, 60]
     assert record["final_loss"] == pytest.approx(curve["loss"].iloc[-1])

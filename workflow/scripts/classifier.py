@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from diffprune import io
+from diffprune import io, machine
 from diffprune.classifier import classifier_accuracy, save_classifier, train_classifier
 from diffprune.data import load_store
 from diffprune.errors import DataError
@@ -45,6 +45,7 @@ meta = {
     "n_train": len(labels),
     "n_test": len(test_store.index),
     "seconds": timing["seconds"],
+    "machine": machine.describe(),
 }
 save_classifier(model, snakemake.output.model, meta=meta)
 io.save_json(snakemake.output.metrics, meta)
