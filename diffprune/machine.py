@@ -40,7 +40,7 @@ def describe() -> dict[str, object]:
         "cpu_simd": sorted(f for f in flags if f.startswith(SIMD_PREFIXES)),
         "gpus": gpus,
         "numpy": np.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
     }
 
 
