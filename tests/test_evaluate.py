@@ -28,7 +28,13 @@ IDENTITY = {
     "kept_fraction": 0.5,
     "selection_seconds": 1.5,
 }
-TRAINED = {"status": "ok", "steps": 400, "wall_seconds": 60.0, "cfg": {}}
+TRAINED = {
+    "status": "ok",
+    "steps": 400,
+    "wall_seconds": 60.0,
+    "cfg": {},
+    "machine": {"cpu": "Some CPU", "gpus": []},
+}
 FAILED = {
     "status": "failed",
     "failure": "training diverged at step 120: mean loss nan since step 100",
@@ -97,6 +103,7 @@ def test_metrics_record_of_a_good_run_has_status_ok_and_metrics():
         **IDENTITY,
         "train_seconds": 60.0,
         "train_steps": 400,
+        "train_machine": "Some CPU",
         "status": "ok",
         "fd_classifier": 12.5,
         "num_samples": 16,
@@ -111,6 +118,7 @@ def test_metrics_record_of_a_failed_training_has_no_metric_numbers(caplog):
         **IDENTITY,
         "train_seconds": None,
         "train_steps": 400,
+        "train_machine": None,  # a failed run's record has no machine
         "status": "failed",
         "failure": f"training failed: {FAILED['failure']}",
     }
