@@ -1,5 +1,7 @@
 rule download:
     """Image store of one split: images.npy (uint8 NHWC), index.parquet, store.json."""
+    input:
+        code=library_code("download"),
     output:
         images=paths.store_images("{split}"),
         index=paths.store_index("{split}"),
@@ -8,7 +10,7 @@ rule download:
         data=config["data"],
     log:
         paths.log("download", "{split}"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     resources:
         mem_mb=4000,
     conda:
