@@ -15,7 +15,7 @@ import yaml
 
 from diffprune import paths
 from diffprune.code_deps import library_modules
-from diffprune.dvc_yaml import RUN_ENV, STALE
+from diffprune.dvc_yaml import RUN_ENV, STALE, shape_digest
 from tests.workflow_helpers import (
     ENV,
     REPO,
@@ -233,3 +233,19 @@ def test_a_stale_dvc_yaml_is_refused(filled):
     assert result.returncode != 0
     assert STALE in result.stdout + result.stderr
     assert dry.returncode != 0 and STALE in dry.stdout + dry.stderr
+
+
+def test_only_the_grid_makes_dvc_yaml_stale():
+    """`dvc exp run -S train.lr=...` keeps the job list; a new ratio or arm does not."""
+    params = tiny_params()
+    base = shape_digest(params)
+    assert shape_digest({**params, "train": {**params["train"], "lr": 0.1}}) == base
+    for section, key, value in [
+        ("study", "ratios", [0.5, 0.75]),
+        ("skew", "arms", ["random"]),
+        ("evaluate", "features", ["classifier"]),
+        ("train", "space", "latent"),
+        ("report", "dir", "results/other"),
+    ]:
+        changed = {**params, section: {**params[section], key: value}}
+        assert shape_digest(changed) != base, f"{section}.{key}"
