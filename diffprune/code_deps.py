@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ def _module_file(root: Path, name: str) -> Path | None:
 
 def _imports(path: Path, root: Path) -> frozenset[Path]:
     """The diffprune module files `path` imports directly (package __init__ included)."""
+    return _parsed_imports(path, root, path.stat().st_mtime_ns)
+
+
+@cache
+def _parsed_imports(path: Path, root: Path, mtime_ns: int) -> frozenset[Path]:
+    """Parsed once per file version: Snakemake asks for every rule's modules at each parse."""
+    del mtime_ns  # part of the cache key only
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
