@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps run study-evidence study-gpu study-latent test lint bench dvc-repro push pull help
+.PHONY: setup data-deps run study-evidence study-gpu study-latent test lint bench dvc.yaml dvc-repro push pull help
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 setup: $(STAMP) data-deps  ## create .venv and install diffprune with every dependency
 
@@ -32,9 +32,14 @@ data-deps:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is ava
 		     "(with data.download: true the official files are fetched and checksummed)."; \
 	fi
 
+# dvc.yaml is generated from the Snakefile for params.yaml's grid (one stage per Snakemake job):
+# run this after changing study, skew.arms, evaluate.features, train.space or report.*.
+dvc.yaml: setup  ## regenerate dvc.yaml from the Snakemake workflow and params.yaml
+	$(BIN)/python -m diffprune dvc-yaml
+
 # dvc commit rewrites the files it caches (same content, new times); --touch then tells Snakemake
 # that its outputs are still up to date, so neither tool recomputes anything.
-run: setup  ## run the default study (Snakemake), then record it in DVC without recomputing
+run: setup dvc.yaml  ## run the default study (Snakemake), then record it in DVC without recomputing
 	$(BIN)/snakemake --cores all
 	$(BIN)/dvc commit --force --quiet
 	$(BIN)/snakemake --cores all --touch --quiet
@@ -60,14 +65,16 @@ lint: setup  ## ruff + snakemake --lint
 bench: setup  ## every benchmark against its baseline, one table: results/bench/bench.{csv,md}
 	$(BIN)/python benchmarks/run.py
 
-dvc-repro: setup  ## the same study through DVC
+# DVC compares contents, Snakemake times: a stage whose outputs came out byte-identical stops DVC
+# there, while Snakemake would still rerun what follows. --touch tells Snakemake it is current.
+dvc-repro: setup dvc.yaml  ## the same study through DVC (one job at a time, each on all cores)
 	$(BIN)/dvc repro
+	$(BIN)/snakemake --cores all --touch --quiet
 
 # The remote is .dvc/config's `storage` (../diffprune-dvc-remote unless `dvc remote modify --local`
-# points it elsewhere). --run-cache also sends DVC's record of each stage run, so `dvc repro` and
-# `dvc exp run` elsewhere can restore an unchanged stage's outputs instead of recomputing them.
-push: setup  ## send every DVC-tracked artifact (and the run cache) to the DVC remote
-	$(BIN)/dvc push --run-cache
+# points it elsewhere). DVC's run cache stays empty: dvc.yaml's outputs persist (see README).
+push: setup  ## send every DVC-tracked artifact to the DVC remote
+	$(BIN)/dvc push
 
 # dvc pull writes the artifacts with new modification times; --touch tells Snakemake they are up to
 # date (as after `make run`), so neither tool recomputes anything.

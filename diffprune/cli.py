@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 import diffprune
+from diffprune import dvc_yaml
 from diffprune.cluster import INITS, clusters_frame, kmeans, validate_embeddings
 from diffprune.errors import DataError, DiffpruneError
 from diffprune.io import load_json, provenance, save_json, save_parquet
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sel.add_argument("--device", default="auto", help="k-means device: auto, cpu, cuda (auto)")
     sel.set_defaults(func=cmd_select)
+    dvc_yaml.add_parser(sub, [common])
     return parser
 
 

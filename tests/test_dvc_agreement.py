@@ -1,26 +1,42 @@
-"""dvc.yaml and the Snakefile must describe the same steps: same outputs, inputs and params."""
+"""dvc.yaml is generated from the Snakefile: one stage per job, with exactly what the job reads.
 
+The projects here hold placeholder outputs (no model is trained): what is checked is the plan of
+each engine, which depends on files, times and hashes only.
+"""
+
+import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from dvc.repo import Repo
 
-from tests.workflow_helpers import REPO, make_project, planned_jobs, tiny_params
+from diffprune import paths
+from diffprune.code_deps import library_modules
+from diffprune.dvc_yaml import RUN_ENV, STALE, shape_digest
+from tests.workflow_helpers import (
+    ENV,
+    REPO,
+    TINY,
+    dvc,
+    make_project,
+    planned_jobs,
+    snakemake,
+    tiny_params,
+    write_params,
+)
 
-# Log files and the training-curve folder are Snakemake bookkeeping that DVC declares as plots.
-SNAKEMAKE_ONLY = ("logs/",)
+SCORE_METHODS = ["el2n", "grand-inverse", "forgetting", "moso-mid"]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    # Every kind of rule: cluster and score methods (both surrogates), an extra run, two seeds.
-    methods = ["random", "cluster-furthest", "el2n", "grand-inverse", "forgetting", "moso-mid"]
-    params = tiny_params(
+def every_kind_of_rule() -> dict:
+    """Cluster and score methods (both surrogates), an extra run, two seeds, the skew arms."""
+    return tiny_params(
         study={
-            **tiny_params()["study"],
-            "methods": methods,
-            "seeds": [0, 1],
+            **TINY["study"],
+            "methods": ["random", "cluster-furthest", *SCORE_METHODS],
             "extra_runs": ["cluster-balanced_r0.0"],
         },
         scores={
@@ -29,7 +45,16 @@ def project(tmp_path_factory):
             "surrogates": ["full", "moso"],
         },
     )
-    return make_project(tmp_path_factory.mktemp("agreement"), params)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("agreement"), every_kind_of_rule())
+
+
+@pytest.fixture(scope="module")
+def stages(project):
+    return yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
 
 
 @pytest.fixture(scope="module")
@@ -37,109 +62,190 @@ def jobs(project):
     return planned_jobs(project)
 
 
-@pytest.fixture(scope="module")
-def stages(project):
-    with Repo(str(project)) as repo:
-        return [
-            {
-                "name": stage.addressing,
-                "cmd": stage.cmd,
-                "deps": {d.def_path for d in stage.deps if d.def_path != "params.yaml"},
-                "outs": {o.def_path for o in stage.outs},
-                "params": {p for dep in stage.params for p in dep.params},
-            }
-            for stage in repo.index.stages
-        ]
-
-
-def inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def covered(path: str, declared: set[str]) -> bool:
-    return any(inside(path, d) for d in declared)
-
-
-def stage_jobs(stage, jobs):
-    """The Snakemake jobs that produce a DVC stage's outputs (files, or files in its folders)."""
-    return [job for job in jobs if any(covered(out, stage["outs"]) for out in job["output"])]
-
-
-def test_every_snakemake_output_is_a_dvc_output(stages, jobs):
-    dvc_outs = set().union(*(stage["outs"] for stage in stages))
-    snakemake_outs = {out for job in jobs for out in job["output"]}
-    assert {out for out in snakemake_outs if not covered(out, dvc_outs)} == set()
-    assert {out for out in dvc_outs if not any(inside(o, out) for o in snakemake_outs)} == set()
-
-
-def test_each_stage_runs_the_rules_that_make_its_outputs(stages, jobs):
-    for stage in stages:
-        made_by = stage_jobs(stage, jobs)
-        assert made_by, f"{stage['name']}: no Snakemake job makes {stage['outs']}"
-        outputs = {out for job in made_by for out in job["output"]}
-        assert all(covered(out, stage["outs"]) for out in outputs), stage["name"]
-        assert all(any(inside(o, out) for o in outputs) for out in stage["outs"]), stage["name"]
-        for job in made_by:
-            assert f" {job['rule']} " in stage["cmd"] + " ", (stage["name"], job["rule"])
-        target = stage["cmd"].split(" -- ", 1)[1]
-        assert covered(target, stage["outs"]), f"{stage['name']}: target {target} is no output"
-
-
-def test_each_stage_depends_on_what_its_jobs_read(stages, jobs):
-    for stage in stages:
-        made_by = stage_jobs(stage, jobs)
-        produced = {out for job in made_by for out in job["output"]}
-        needed = {i for job in made_by for i in job["input"]} - produced
-        missing = {path for path in needed if not covered(path, stage["deps"])}
-        assert not missing, f"{stage['name']} lacks deps {missing}"
-
-
-def test_each_stage_depends_on_its_rules_scripts(stages, jobs):
-    rules_dir = REPO / "workflow" / "rules"
-    scripts = {}
-    for smk in rules_dir.glob("*.smk"):
-        rule = None
-        for line in smk.read_text().splitlines():
-            if line.startswith("rule "):
-                rule = line.split()[1].rstrip(":")
-            elif line.strip().startswith('"../scripts/'):
-                scripts[rule] = "workflow/scripts/" + Path(line.strip().strip('"')).name
-    for stage in stages:
-        for job in stage_jobs(stage, jobs):
-            assert scripts[job["rule"]] in stage["deps"], (stage["name"], job["rule"])
-
-
-def test_each_stage_tracks_the_params_its_rules_read(stages, jobs):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    rules_text = "".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
-    for stage in stages:
-        for job in stage_jobs(stage, jobs):
-            block = rules_text.split(f"rule {job['rule']}:", 1)[1].split("\nrule ", 1)[0]
-            read = (
-                _config_keys(block.split("params:", 1)[1].split("log:", 1)[0])
-                if ("params:" in block)
-                else set()
-            )
-            for key in read:
-                assert key in stage["params"] or key.split(".")[0] in stage["params"], (
-                    f"{stage['name']}: rule {job['rule']} reads {key}, DVC does not track it"
-                )
-            assert set(stage["params"]) <= {k for k in _flatten(params)} | set(params), stage
-
-
-def _config_keys(text: str) -> set[str]:
-    import re
-
+def outs(stage: dict) -> set[str]:
     return {
-        ".".join(parts for parts in match if parts)
-        for match in re.findall(r'config\["(\w+)"\](?:\["(\w+)"\])?', text)
+        next(iter(out)) if isinstance(out, dict) else out
+        for key in ("outs", "metrics", "plots")
+        for out in stage.get(key, [])
     }
 
 
-def _flatten(params: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for key, value in params.items():
-        keys.add(prefix + key)
-        if isinstance(value, dict):
-            keys |= _flatten(value, prefix + key + ".")
-    return keys
+def test_committed_dvc_yaml_is_the_generated_one():
+    result = subprocess.run(
+        [sys.executable, "-m", "diffprune", "dvc-yaml", "--check"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"
+
+
+def test_one_stage_per_job_with_exactly_what_it_reads(stages, jobs):
+    assert len(stages) == len(jobs)
+    by_outs = {frozenset(outs(stage)): (name, stage) for name, stage in stages.items()}
+    for job in jobs:
+        name, stage = by_outs[frozenset(job["output"])]
+        assert name.startswith(job["rule"] + "_") or name == job["rule"]
+        script = f"workflow/scripts/{job['rule']}.py"
+        code = library_modules(script, REPO)
+        assert stage["deps"][0] == script
+        assert set(stage["deps"]) == {script, *code, *job["input"]}, name
+        assert shlex.split(stage["cmd"])[-3:] == [job["rule"], "--", job["output"][0]]
+
+
+def test_a_score_selection_depends_on_its_score_file_only(stages):
+    deps = stages["select_el2n_r0p5_s0"]["deps"]
+    assert str(paths.scores("el2n")) in deps
+    assert str(paths.scores("grand")) not in deps
+    assert not [d for d in deps if d.startswith("data/surrogates")]
+    assert not [d for d in deps if d.startswith(str(paths.EVIDENCE / "clusters"))]
+    assert stages["select_cluster-furthest_r0p5_s0"]["params"] == ["select", "cluster"]
+    assert str(paths.scores("el2n")) not in stages["select_cluster-furthest_r0p5_s0"]["deps"]
+
+
+def test_params_are_what_the_rules_read(stages):
+    assert stages["train_full_s0"]["params"] == ["train"]
+    assert stages["sample_full_s0"]["params"] == ["sample", "train.device"]
+    assert stages["evaluate_full_s0"]["params"] == ["evaluate", "train.resolution"]
+    assert stages["surrogate_moso"]["params"] == ["train", "scores"]
+    assert "diffprune/features.py" in stages["evaluate_full_s0"]["deps"]
+    assert "diffprune/features.py" not in stages["train_full_s0"]["deps"]
+
+
+def test_outputs_persist_and_results_are_git_tracked(stages):
+    train = stages["train_random_r0p5_s1"]
+    assert train["outs"] == [{"data/runs/random_r0.5/s1/model": {"persist": True}}]
+    assert train["plots"] == [{"data/runs/random_r0.5/s1/dvclive": {"persist": True}}]
+    evaluate = stages["evaluate_random_r0p5_s1"]
+    assert evaluate["metrics"] == [
+        {"results/metrics/random_r0.5/s1.json": {"persist": True, "cache": False}}
+    ]
+    assert stages["classifier"]["metrics"] == [
+        {"results/classifier.json": {"persist": True, "cache": False}}
+    ]
+    for name, stage in stages.items():
+        for key in ("outs", "metrics", "plots"):
+            for out in stage.get(key, []):
+                ((path, options),) = out.items()
+                assert options["persist"] is True, (name, path)
+                assert options.get("cache", True) is (not path.startswith("results/")), path
+
+
+def test_commands_hold_only_quoted_concrete_paths(stages):
+    for name, stage in stages.items():
+        assert "${" not in stage["cmd"] and ";" not in stage["cmd"], name
+        words = shlex.split(stage["cmd"])
+        assert words[:2] == [f"{RUN_ENV}=1", "snakemake"], name
+        assert shlex.join(words[1:]) == stage["cmd"].split(" ", 1)[1], name
+
+
+def test_a_shell_in_params_is_refused_before_any_shell(tmp_path):
+    root = make_project(tmp_path / "p", tiny_params())
+    params = tiny_params(report={**tiny_params()["report"], "dir": "results; touch X"})
+    write_params(root, params)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffprune", "dvc-yaml"],
+        cwd=root,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "report.dir" in result.stderr and "results; touch X" in result.stderr
+    assert not (root / "X").exists()
+
+
+def fill_with_placeholders(root: Path) -> None:
+    """Every output as a small file (a folder: one file in it), then both engines told they are
+    current: `snakemake --touch`, `dvc commit --force`, `snakemake --touch` (make run's tail)."""
+    for job in planned_jobs(root):
+        for out in job["output"]:
+            path = root / out
+            if job["rule"] in ("train", "surrogate", "autoencoder") or path.suffix == "":
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "placeholder").write_text(out)
+                (path / ".snakemake_timestamp").touch()  # as Snakemake leaves a folder output
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(out)
+    snakemake(root, "--touch", "--quiet")
+    dvc(root, "commit", "--force", "--quiet")
+    snakemake(root, "--touch", "--quiet")
+    assert planned_jobs(root) == []
+    assert json.loads(dvc(root, "status", "--json").stdout) == {}
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    """One project for the tests below; each puts back what it changes."""
+    root = make_project(tmp_path_factory.mktemp("filled"), tiny_params())
+    fill_with_placeholders(root)
+    return root
+
+
+def test_changing_the_evaluation_code_plans_the_same_jobs_in_both_engines(filled):
+    module = filled / "diffprune" / "evaluate.py"
+    original = module.read_text()
+    module.write_text(original + "\n# changed\n")
+    try:
+        planned = {job["rule"] for job in planned_jobs(filled)}
+        changed = set(json.loads(dvc(filled, "status", "--json").stdout))
+        dry = dvc(filled, "repro", "--dry").stdout
+    finally:
+        module.write_text(original)
+    # reference imports diffprune.evaluate (at_resolution): its jobs rerun too, then modes
+    assert planned == {"reference", "modes", "evaluate", "report", "skew_report"}
+    running = {line.split("'")[1] for line in dry.splitlines() if "Running stage" in line}
+    assert changed == running
+    assert {name.split("_")[0] for name in running} == {"reference", "evaluate"}
+    # DVC decides downstream stages (modes, report) by content once these have run
+
+
+def test_a_bad_param_through_dvc_leaves_the_model_in_place(filled):
+    model = filled / paths.model("full", 0) / "placeholder"
+    params = tiny_params()
+    params["train"]["lr"] = -1.0
+    write_params(filled, params)
+    try:
+        result = dvc(filled, "repro", "train_full_s0", check=False)
+    finally:
+        write_params(filled, tiny_params())
+    assert result.returncode != 0
+    assert "train.lr" in result.stdout + result.stderr
+    assert model.read_text() == str(paths.model("full", 0))
+
+
+def test_a_stale_dvc_yaml_is_refused(filled):
+    params = tiny_params(study={**TINY["study"], "ratios": [0.5, 0.75]})
+    write_params(filled, params)
+    try:
+        result = dvc(filled, "repro", "report", check=False)
+        dry = subprocess.run(
+            [str(Path(sys.executable).parent / "snakemake"), "-n"],
+            cwd=filled,
+            env={**ENV, RUN_ENV: "1"},
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        write_params(filled, tiny_params())
+    assert result.returncode != 0
+    assert STALE in result.stdout + result.stderr
+    assert dry.returncode != 0 and STALE in dry.stdout + dry.stderr
+
+
+def test_only_the_grid_makes_dvc_yaml_stale():
+    """`dvc exp run -S train.lr=...` keeps the job list; a new ratio or arm does not."""
+    params = tiny_params()
+    base = shape_digest(params)
+    assert shape_digest({**params, "train": {**params["train"], "lr": 0.1}}) == base
+    for section, key, value in [
+        ("study", "ratios", [0.5, 0.75]),
+        ("skew", "arms", ["random"]),
+        ("evaluate", "features", ["classifier"]),
+        ("train", "space", "latent"),
+        ("report", "dir", "results/other"),
+    ]:
+        changed = {**params, section: {**params[section], key: value}}
+        assert shape_digest(changed) != base, f"{section}.{key}"

@@ -12,11 +12,13 @@ from tests.workflow_helpers import (
     REPO,
     TINY,
     dvc,
+    generate_dvc_yaml,
     make_project,
     planned_jobs,
     run,
     snakemake,
     tiny_params,
+    write_params,
 )
 
 pytestmark = pytest.mark.slow
@@ -89,7 +91,7 @@ def test_default_remote_is_a_folder_beside_the_checkout(origin):
     listed = dvc(origin, "remote", "list").stdout.split()
     assert listed[:3] == ["storage", str(remote), "(default)"]
     assert any((remote / "files" / "md5").iterdir())
-    assert any((remote / "runs").iterdir())  # make push also sends the run cache
+    assert not (remote / "runs").exists()  # persistent outputs: no run cache to send
     # The README's switch to S3 for one user: .dvc/config.local, not the committed .dvc/config
     config = (origin / ".dvc" / "config").read_bytes()
     dvc(origin, "remote", "modify", "--local", "storage", "url", "s3://bucket/path")
@@ -131,10 +133,15 @@ def test_a_personal_remote_overrides_the_default(origin, tmp_path):
 
 def test_queued_experiment_runs_from_the_pulled_cache(origin):
     """A queued experiment runs in a temporary copy of the git-tracked files; its unchanged stages
-    are checked out from the local cache (filled by `make pull`), so only the new ratio runs."""
+    are checked out from the local cache (filled by `make pull`), so only the new ratio runs.
+    A new ratio changes the grid: `make dvc.yaml` first, then queue (the queue takes the
+    workspace's params.yaml and dvc.yaml)."""
     root = clone(origin, origin.parent / "lab")
     run_recipe("pull", root)
-    queued = dvc(root, "exp", "run", "--queue", "-S", "study.ratios=[0.5,0.75]").stdout
+    write_params(root, {**PARAMS, "study": {**PARAMS["study"], "ratios": [0.5, 0.75]}})
+    generate_dvc_yaml(root)
+    queued = dvc(root, "exp", "run", "--queue").stdout
+    run(["git", "checkout", "--", "params.yaml", "dvc.yaml"], root)
     name = queued.split("Queued experiment '")[1].split("'")[0]
     dvc(root, "queue", "start")
     deadline = time.monotonic() + 600
@@ -143,11 +150,10 @@ def test_queued_experiment_runs_from_the_pulled_cache(origin):
         assert time.monotonic() < deadline, status
         time.sleep(5)
     logs = dvc(root, "queue", "logs", name).stdout
-    new = "cluster-furthest-0.75-0"
-    assert f"Running stage 'train@{new}'" in logs
+    assert "Running stage 'train_cluster-furthest_r0p75_s0'" in logs
     assert "Stage 'embed' didn't change, skipping" in logs
-    assert "Running stage 'train@cluster-furthest-0.5-0'" not in logs
-    assert "Running stage 'baseline@0'" not in logs
+    assert "Running stage 'train_cluster-furthest_r0p5_s0'" not in logs
+    assert "Running stage 'train_full_s0'" not in logs
 
     shown = dvc(root, "exp", "show", "--md").stdout
     header, row = shown.splitlines()[0], next(r for r in shown.splitlines() if f"[{name}]" in r)

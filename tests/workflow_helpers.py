@@ -57,7 +57,7 @@ def tiny_params(**sections) -> dict:
 def make_project(root: Path, params: dict) -> Path:
     """A copy of the workflow definition (not the data) with its own params.yaml, git and DVC."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "dvc.yaml", ".dvcignore"):
+    for name in ("Snakefile", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     (root / "profiles").symlink_to("workflow/profiles")  # Snakemake's implicit workflow profile
     for name in ("workflow", ".dvc", "diffprune"):
@@ -66,6 +66,7 @@ def make_project(root: Path, params: dict) -> Path:
         )
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     write_params(root, params)
+    generate_dvc_yaml(root)
     for cmd in (
         ["git", "init", "-q"],
         ["git", "config", "user.email", "ci@example.com"],
@@ -75,6 +76,11 @@ def make_project(root: Path, params: dict) -> Path:
     ):
         run(cmd, root)
     return root
+
+
+def generate_dvc_yaml(root: Path) -> None:
+    """`make dvc.yaml` in the project: its own Snakefile and params give its own stages."""
+    run([sys.executable, "-m", "diffprune", "dvc-yaml"], root)
 
 
 def write_params(root: Path, params: dict) -> None:

@@ -88,3 +88,24 @@ def evaluate_inputs(wildcards):
 def report_metrics():
     """The headline metric first, then the others the report tabulates."""
     return list(dict.fromkeys([config["report"]["metric"], *config["report"]["metrics"]]))
+
+
+# --- Run by DVC (dvc.yaml's commands set DIFFPRUNE_DVC=1): DVC runs one job at a time, so every
+# job may use all cores (Snakemake itself keeps 1 thread per small job and runs them in parallel),
+# and a dvc.yaml generated for another grid is refused before anything runs.
+import os
+
+from diffprune.code_deps import library_modules
+from diffprune.dvc_yaml import RUN_ENV, check_fresh
+
+BY_DVC = os.environ.get(RUN_ENV) == "1"
+SMALL_JOB_THREADS = workflow.cores if BY_DVC else 1
+if BY_DVC:
+    check_fresh(config, "dvc.yaml")
+
+
+
+def library_code(rule):
+    """The library modules a rule's script (workflow/scripts/<rule>.py) imports: inputs of its
+    jobs, so Snakemake reruns a job when one changes, as DVC does (dvc.yaml lists them as deps)."""
+    return library_modules(f"workflow/scripts/{rule}.py")

@@ -3,6 +3,8 @@ from diffprune.data.fingerprint import source_fingerprint
 
 rule download:
     """Image store of one split: images.npy (uint8 NHWC), index.parquet, store.json."""
+    input:
+        code=library_code("download"),
     output:
         images=paths.store_images("{split}"),
         index=paths.store_index("{split}"),
@@ -14,7 +16,7 @@ rule download:
         fingerprint=lambda wildcards: source_fingerprint(config["data"], wildcards.split),
     log:
         paths.log("download", "{split}"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     resources:
         mem_mb=4000,
     conda:

@@ -2,6 +2,7 @@ rule embed:
     """One embedding per training image, in sample_id order."""
     input:
         store_files("train"),
+        code=library_code("embed"),
     output:
         embeddings=paths.embeddings(),
         meta=paths.embeddings_meta(),
@@ -24,6 +25,7 @@ rule cluster:
     input:
         embeddings=paths.embeddings(),
         embeddings_meta=paths.embeddings_meta(),
+        code=library_code("cluster"),
     output:
         clusters=paths.clusters(),
         centroids=paths.centroids(),

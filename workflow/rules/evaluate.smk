@@ -3,6 +3,7 @@ rule classifier:
     input:
         train=store_files("train"),
         test=store_files("test"),
+        code=library_code("classifier"),
     output:
         model=paths.classifier(),
         metrics=paths.classifier_metrics(),
@@ -24,6 +25,7 @@ rule reference:
     """Real images of one split in one feature space (at the model's resolution), computed once."""
     input:
         unpack(reference_inputs),
+        code=library_code("reference"),
     output:
         paths.reference("{split}", "{feature}"),
     params:
@@ -44,6 +46,7 @@ rule modes:
     """k-means modes of the training images in one feature space, for mode coverage."""
     input:
         paths.reference("train", "{feature}"),
+        code=library_code("modes"),
     output:
         paths.modes("{feature}"),
     params:
@@ -63,6 +66,7 @@ rule evaluate:
     """Metrics of one run's samples: fidelity, diversity, novelty, coverage, class balance."""
     input:
         unpack(evaluate_inputs),
+        code=library_code("evaluate"),
     output:
         paths.metrics("{run}", "{seed}"),
     params:
@@ -70,7 +74,7 @@ rule evaluate:
         resolution=config["train"]["resolution"],
     log:
         paths.log("evaluate", "{run}_s{seed}"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     resources:
         mem_mb=8000,
     conda:

@@ -9,6 +9,7 @@ rule autoencoder:
         paths.store_images("train"),
         paths.store_index("train"),
         paths.store_meta("train"),
+        code=library_code("autoencoder"),
     output:
         directory(paths.autoencoder()),
     params:
@@ -32,6 +33,7 @@ rule encode:
     input:
         autoencoder=paths.autoencoder(),
         images=paths.store_images("train"),
+        code=library_code("encode"),
     output:
         latents=paths.latents(),
         meta=paths.latents_meta(),

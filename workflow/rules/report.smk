@@ -4,6 +4,7 @@ rule report:
         metrics=[paths.metrics(run, seed) for run, seed in GRID],
         grids=[paths.sample_grid(run, seed) for run, seed in GRID],
         skew=paths.skew_table("csv"),
+        code=library_code("report"),
     output:
         tables=[paths.report_table(m, "csv", REPORT) for m in report_metrics()]
         + [paths.report_table(m, "md", REPORT) for m in report_metrics()],
@@ -30,7 +31,7 @@ rule report:
         report=config["report"],
     log:
         paths.log("report"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     conda:
         "../envs/diffprune.yaml"
     script:

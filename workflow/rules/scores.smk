@@ -2,6 +2,7 @@ rule surrogate:
     """Diffusion surrogates on the full training data, with snapshots (and loss records)."""
     input:
         store_files("train"),
+        code=library_code("surrogate"),
     output:
         directory(paths.surrogate("{kind}")),
     params:
@@ -26,6 +27,7 @@ rule score:
     input:
         store=store_files("train"),
         surrogate=surrogate_for,
+        code=library_code("score"),
     output:
         scores=paths.scores("{score}"),
         meta=paths.scores_meta("{score}"),

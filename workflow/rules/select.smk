@@ -4,6 +4,7 @@ rule select:
         run=names.SELECTED_RUN,
     input:
         unpack(selection_inputs),
+        code=library_code("select"),
     output:
         manifest=paths.manifest("{run}", "{seed}"),
         meta=paths.manifest_meta("{run}", "{seed}"),
@@ -12,7 +13,7 @@ rule select:
         cluster=config["cluster"],
     log:
         paths.log("select", "{run}_s{seed}"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     resources:
         mem_mb=4000,
     conda:

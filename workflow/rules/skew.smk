@@ -8,6 +8,7 @@ rule skew_select:
         index=paths.store_index("train"),
         embeddings=paths.embeddings(),
         embeddings_meta=paths.embeddings_meta(),
+        code=library_code("skew_select"),
     output:
         manifest=paths.manifest(f"{SKEW}{{arm}}", "{seed}"),
         meta=paths.manifest_meta(f"{SKEW}{{arm}}", "{seed}"),
@@ -16,7 +17,7 @@ rule skew_select:
         cluster=config["cluster"],
     log:
         paths.log("skew_select", "{arm}_s{seed}"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     resources:
         mem_mb=4000,
     conda:
@@ -32,6 +33,7 @@ rule skew_report:
         manifests=[paths.manifest(run, seed) for run, seed in SKEW_RUNS],
         index=paths.store_index("train"),
         store_meta=paths.store_meta("train"),
+        code=library_code("skew_report"),
     output:
         csv=paths.skew_table("csv"),
         md=paths.skew_table("md"),
@@ -42,7 +44,7 @@ rule skew_report:
         skew=config["skew"],
     log:
         paths.log("skew_report"),
-    threads: 1
+    threads: SMALL_JOB_THREADS
     conda:
         "../envs/diffprune.yaml"
     script:

@@ -2,6 +2,7 @@ rule train:
     """Diffusion model trained on the kept subset only, for the same number of steps every run."""
     input:
         unpack(train_inputs),
+        code=library_code("train"),
     output:
         model=directory(paths.model("{run}", "{seed}")),
         log_dir=directory(paths.train_log("{run}", "{seed}")),
@@ -10,7 +11,7 @@ rule train:
         checkpoints=lambda wildcards: paths.checkpoints(wildcards.run, wildcards.seed),
     log:
         paths.log("train", "{run}_s{seed}"),
-    threads: 1  # small models: parallel jobs beat threads; raise with --set-threads
+    threads: SMALL_JOB_THREADS  # small models: parallel jobs beat threads (see common.smk)
     resources:
         mem_mb=8000,
         # train.num_processes > 1: the script launches itself on that many processes, one GPU each
@@ -26,6 +27,7 @@ rule sample:
     """Samples from the EMA weights (uint8, like the image store) and a PNG mosaic."""
     input:
         unpack(sample_inputs),
+        code=library_code("sample"),
     output:
         samples=paths.samples("{run}", "{seed}"),
         grid=report(
@@ -39,7 +41,7 @@ rule sample:
         device=config["train"]["device"],
     log:
         paths.log("sample", "{run}_s{seed}"),
-    threads: 1  # small models: parallel jobs beat threads; raise with --set-threads
+    threads: SMALL_JOB_THREADS  # small models: parallel jobs beat threads (see common.smk)
     resources:
         mem_mb=8000,
         gpu=1 if config["train"]["device"] != "cpu" else 0,
