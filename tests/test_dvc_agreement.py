@@ -39,11 +39,6 @@ def every_kind_of_rule() -> dict:
             "methods": ["random", "cluster-furthest", *SCORE_METHODS],
             "extra_runs": ["cluster-balanced_r0.0"],
         },
-        scores={
-            **tiny_params()["scores"],
-            "names": ["el2n", "grand", "forgetting", "moso"],
-            "surrogates": ["full", "moso"],
-        },
     )
 
 
@@ -246,6 +241,28 @@ def test_only_the_grid_makes_dvc_yaml_stale():
         ("evaluate", "features", ["classifier"]),
         ("train", "space", "latent"),
         ("report", "dir", "results/other"),
+        ("data", "source", "imagefolder"),
+        ("data", "path", "/some/images"),
     ]:
         changed = {**params, section: {**params[section], key: value}}
         assert shape_digest(changed) != base, f"{section}.{key}"
+
+
+def test_an_image_folder_source_is_a_dvc_dep_of_its_store(tmp_path):
+    """Snakemake follows the folder's fingerprint param; DVC hashes the folder the split reads."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for c, name in enumerate(("boots", "coats")):
+        for i in range(6):
+            (images / name).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 40 * c + i).save(images / name / f"{i}.png")
+    params = tiny_params(
+        data={**TINY["data"], "source": "imagefolder", "path": str(images), "test_path": None,
+              "train_size": None, "test_size": None},
+    )  # fmt: skip
+    root = make_project(tmp_path / "p", params)
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for split in ("train", "test"):
+        assert str(images) in stages[f"download_{split}"]["deps"]
+        assert stages[f"download_{split}"]["params"] == ["data"]
