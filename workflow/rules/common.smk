@@ -94,6 +94,7 @@ def report_metrics():
 # job may use all cores (Snakemake itself keeps 1 thread per small job and runs them in parallel),
 # and a dvc.yaml generated for another grid is refused before anything runs.
 import os
+from pathlib import Path
 
 from diffprune.code_deps import library_modules
 from diffprune.dvc_yaml import RUN_ENV, check_fresh
@@ -105,7 +106,14 @@ if BY_DVC:
 
 
 
+# The checkout this workflow's files live in (the Snakefile may be run with another --directory).
+CHECKOUT = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parent.parent
+
+
 def library_code(rule):
     """The library modules a rule's script (workflow/scripts/<rule>.py) imports: inputs of its
-    jobs, so Snakemake reruns a job when one changes, as DVC does (dvc.yaml lists them as deps)."""
-    return library_modules(f"workflow/scripts/{rule}.py")
+    jobs, so Snakemake reruns a job when one changes, as DVC does (dvc.yaml lists them as deps).
+    Relative to the working directory when inside it (as in dvc.yaml), else absolute."""
+    files = [CHECKOUT / f for f in library_modules(f"workflow/scripts/{rule}.py", root=CHECKOUT)]
+    here = Path.cwd()
+    return [str(f.relative_to(here)) if f.is_relative_to(here) else str(f) for f in files]
