@@ -51,6 +51,10 @@ def _parsed_imports(path: Path, root: Path, mtime_ns: int) -> frozenset[Path]:
                 found.add(root / PACKAGE / "__init__.py")
             if (module := _module_file(root, name)) is not None:
                 found.add(module)
+                if module.name == "__init__.py" and module.parent != root / PACKAGE:
+                    # a subpackage may load its modules lazily (diffprune.data does), which an
+                    # AST cannot follow: importing it counts as importing all of its modules
+                    found.update(module.parent.glob("*.py"))
     return frozenset(found)
 
 

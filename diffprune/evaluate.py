@@ -20,7 +20,6 @@ import numpy as np
 
 from diffprune import classifier as cnn
 from diffprune import machine, status
-from diffprune.data import to_model_input, to_uint8
 from diffprune.features import FEATURE_LABELS, FeatureExtractor, extract
 from diffprune.metrics import (
     class_shares,
@@ -47,16 +46,6 @@ IDENTICAL_CHECK_SAMPLES = 256
 def metric_key(feature: str) -> str:
     """Feature-space suffix of metric names: `fd_classifier`, `fd_efficientnet_lite0`, ..."""
     return feature.replace("-", "_")
-
-
-def at_resolution(images: np.ndarray, resolution: int, *, batch_size: int = 4096) -> np.ndarray:
-    """uint8 NHWC images resized to `resolution` exactly as training sees them."""
-    return np.concatenate(
-        [
-            to_uint8(to_model_input(np.asarray(images[i : i + batch_size]), resolution))
-            for i in range(0, len(images), batch_size)
-        ]
-    )
 
 
 def check_samples(samples: np.ndarray) -> str | None:

@@ -189,12 +189,11 @@ def test_changing_the_evaluation_code_plans_the_same_jobs_in_both_engines(filled
         dry = dvc(filled, "repro", "--dry").stdout
     finally:
         module.write_text(original)
-    # reference imports diffprune.evaluate (at_resolution): its jobs rerun too, then modes
-    assert planned == {"reference", "modes", "evaluate", "report", "skew_report"}
+    assert planned == {"evaluate", "report", "skew_report"}
     running = {line.split("'")[1] for line in dry.splitlines() if "Running stage" in line}
     assert changed == running
-    assert {name.split("_")[0] for name in running} == {"reference", "evaluate"}
-    # DVC decides downstream stages (modes, report) by content once these have run
+    assert {name.split("_")[0] for name in running} == {"evaluate"}
+    # DVC decides the downstream report stages by content once these have run
 
 
 def test_a_bad_param_through_dvc_leaves_the_model_in_place(filled):
@@ -266,3 +265,13 @@ def test_an_image_folder_source_is_a_dvc_dep_of_its_store(tmp_path):
     for split in ("train", "test"):
         assert str(images) in stages[f"download_{split}"]["deps"]
         assert stages[f"download_{split}"]["params"] == ["data"]
+
+
+def test_a_lazily_loaded_subpackage_counts_as_all_of_its_modules():
+    """diffprune.data loads its modules on first use, which no AST shows: training must still
+    depend on diffprune/data/tensors.py, where images become model inputs."""
+    modules = library_modules("workflow/scripts/train.py", root=REPO)
+    assert "diffprune/data/tensors.py" in modules and "diffprune/train.py" in modules
+    assert "diffprune/evaluate.py" not in library_modules(
+        "workflow/scripts/reference.py", root=REPO
+    )

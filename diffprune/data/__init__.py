@@ -4,7 +4,8 @@
 - `build`: `build_store`, one split of a source into a store (the `download` rule)
 - `fashion_mnist`, `image_folder`, `huggingface`: the sources; `decode`: their shared decoding
   (resumable, into a memory-mapped scratch file); `fingerprint`: what a local source holds now
-- `tensors`: store images to model tensors and back (`to_model_input`, `to_uint8`)
+- `tensors`: store images to model tensors and back (`to_model_input`, `to_uint8`,
+  `at_resolution`)
 
 The public names below are imported from their module on first use, so that reading one module
 (the Snakefile reads a folder's fingerprint while it plans) does not import torch.
@@ -33,6 +34,7 @@ _EXPORTS = {
     "images_from_rows": "huggingface",
     "to_model_input": "tensors",
     "to_uint8": "tensors",
+    "at_resolution": "tensors",
 }
 __all__ = sorted(_EXPORTS)
 

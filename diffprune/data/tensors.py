@@ -27,3 +27,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
         raise ValueError(f"expected a (N,C,H,W) tensor, got shape {tuple(x.shape)}")
     u = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     return u.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def at_resolution(images: np.ndarray, resolution: int, *, batch_size: int = 4096) -> np.ndarray:
+    """uint8 NHWC images resized to `resolution` exactly as training sees them."""
+    return np.concatenate(
+        [
+            to_uint8(to_model_input(np.asarray(images[i : i + batch_size]), resolution))
+            for i in range(0, len(images), batch_size)
+        ]
+    )

@@ -4,8 +4,7 @@ Besides mean, covariance and features it stores the split's neighbour statistics
 (`metrics.reference_neighbours`), so that no evaluation job recomputes them.
 """
 
-from diffprune.data import load_store
-from diffprune.evaluate import at_resolution
+from diffprune.data import at_resolution, load_store
 from diffprune.features import extract, load_feature_extractor
 from diffprune.logs import setup
 from diffprune.metrics import reference_neighbours, reference_stats, save_reference
