@@ -12,6 +12,11 @@
 - Corrupt checkpoint: moved aside with a warning; training resumes from previous.pt or starts
   over (test_corrupt_*); a second training of a running run refuses.
 - Orphaned job (Snakemake killed with kill -9): the job stops itself (test_orphan*).
+- Concurrent engines: `dvc repro` during a Snakemake run refuses and deletes nothing
+  (test_dvc_repro_during_a_snakemake_run_*).
+- Changed image folder: added, removed and replaced images rerun the store and what follows
+  (tests/test_data_fingerprint.py); DVC hashes the folder as a dep of the store's stages
+  (tests/test_dvc_agreement.py::test_an_image_folder_source_is_a_dvc_dep_of_its_store).
 """
 
 from __future__ import annotations
@@ -471,3 +476,38 @@ def test_orphan_watchdog_watches_its_parent_outside_snakemake(tmp_path):
 )
 def test_the_engine_is_snakemake_itself_not_a_job_script(argv, engine):
     assert logs._is_snakemake(argv) is engine
+
+
+@pytest.mark.slow  # a tiny study's upstream jobs, then Snakemake and DVC at once
+def test_dvc_repro_during_a_snakemake_run_refuses_and_destroys_nothing(tmp_path):
+    """Concurrent engines: while Snakemake trains a run, `dvc repro` of that run's stage refuses
+    (its Snakemake call cannot take the lock) and leaves the running job's files alone (outputs
+    are `persist`, so DVC deletes nothing before its command); the training then completes."""
+    from tests import workflow_helpers as wf
+
+    params = wf.tiny_params(
+        study={**wf.TINY["study"], "methods": ["random"], "seeds": [0], "extra_runs": []},
+        train={**wf.TINY["train"], "steps": 3000, "checkpoint_every": 10, "log_every": 10},
+    )
+    root = wf.make_project(tmp_path / "study", params)
+    model = f"data/runs/random_r0.5/s{SEED}/model"
+    wf.snakemake(root, f"data/runs/random_r0.5/s{SEED}/manifest.parquet")
+    with open(root / "snakemake.out", "w") as out:
+        engine = subprocess.Popen(
+            [str(wf.BIN / "snakemake"), "--cores", "1", model],
+            cwd=root,
+            env=wf.ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        live = root / f"data/runs/random_r0.5/s{SEED}/dvclive"
+        ckpt = root / f"data/checkpoints/random_r0.5/s{SEED}" / checkpoints.LATEST
+        wait_for(ckpt.exists, timeout=180, what="the first checkpoint")
+        refused = wf.dvc(root, "repro", "--single-item", f"train_random_r0p5_s{SEED}", check=False)
+        assert refused.returncode != 0
+        assert "cannot be locked" in refused.stdout + refused.stderr
+        assert engine.poll() is None and live.is_dir() and ckpt.exists()  # nothing deleted
+    finally:
+        engine.terminate()
+        engine.wait(timeout=60)
