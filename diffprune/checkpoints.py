@@ -115,6 +115,11 @@ def run_lock(directory: str | os.PathLike) -> Iterator[None]:
         finally:
             f.seek(0)
             f.truncate()
+            if not any((directory / name).exists() for name in (LATEST, PREVIOUS)):
+                # a finished run: no checkpoint to guard, so leave no lock file or empty folder
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

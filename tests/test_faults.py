@@ -511,3 +511,16 @@ def test_dvc_repro_during_a_snakemake_run_refuses_and_destroys_nothing(tmp_path)
     finally:
         engine.terminate()
         engine.wait(timeout=60)
+
+
+def test_a_finished_run_leaves_no_lock_file_or_checkpoint_folder(tmp_path):
+    """The run lock guards checkpoints; once the model is written there is nothing to guard."""
+    ckpt = tmp_path / "ckpt"
+    with checkpoints.run_lock(ckpt):
+        assert (ckpt / checkpoints.LOCK).exists()
+    assert not ckpt.exists()
+    ckpt.mkdir()
+    (ckpt / checkpoints.LATEST).write_bytes(b"x")  # an interrupted run keeps its lock file
+    with checkpoints.run_lock(ckpt):
+        pass
+    assert (ckpt / checkpoints.LOCK).exists()
