@@ -25,25 +25,13 @@ from diffprune.train import (
     save_model,
     train,
 )
+from tests.conftest import TINY_UNET
 from tests.test_faults import REPO, WEIGHTS, finish, training_pid
 from tests.test_faults import TINY as FAULT_TINY
 from tests.test_faults import project as project  # a fixture
 from tests.test_faults import snakemake as fault_snakemake
 
-TINY = {
-    "model": "unet2d",
-    "objective": "ddpm",
-    "resolution": 8,
-    "block_channels": [8, 16],
-    "layers_per_block": 1,
-    "steps": 6,
-    "batch_size": 8,
-    "lr": 2e-3,
-    "ema_decay": 0.9,
-    "checkpoint_every": 3,
-    "log_every": 1,
-    "device": "cpu",
-}
+TINY = {**TINY_UNET, "batch_size": 8, "lr": 2e-3, "checkpoint_every": 3, "log_every": 1}
 
 
 # A conditional two-block DiT with flow matching; label dropout 0.5 so that a few steps drop some.
