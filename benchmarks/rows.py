@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,30 +59,19 @@ def row(
     }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
-    """CPU model and cores, torch and faiss versions, GPU (if any): the `machine` of each row."""
-    import faiss
+    """diffprune's machine record (CPU, SIMD, GPUs, numpy, torch, faiss) plus what a timing
+    depends on here: cores and torch threads. The `machine` of each row."""
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    from diffprune.cluster import machine as described
+
+    info = described()
     return {
-        "cpu": cpu_model(),
+        **info,
         "cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "gpu": gpu,
+        "gpu": info["gpus"][0] if info["gpus"] else None,
     }
 
 
