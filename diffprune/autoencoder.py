@@ -52,8 +52,8 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffprune import checkpoints, io
+from diffprune.batches import row_batches
 from diffprune.data import to_model_input, to_uint8
-from diffprune.data.batches import row_batches
 from diffprune.device import resolve_device
 from diffprune.errors import ConfigError, DataError
 
@@ -365,7 +365,8 @@ def encode(
 ) -> np.ndarray:
     """float16 (N, C, h, w) posterior means of uint8 NHWC `images` resized to `resolution`, in
     the images' order. Moves `ae` to `device`. `num_workers`: loader processes that read and
-    resize the images (data.batches.row_batches); the latents are the same bytes for any number."""
+    resize the images (diffprune.batches.row_batches); the latents are the same bytes for any
+    number."""
     latents = np.empty((len(images), *latent_shape(ae, resolution)), dtype=np.float16)
     _fill(latents, ae, images, resolution, batch_size, device, num_workers, progress)
     return latents

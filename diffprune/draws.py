@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffprune.batches import row_batches
 from diffprune.data import to_model_input
-from diffprune.data.batches import row_batches
 from diffprune.diffusion import build_scheduler, draw, fixed_timestep, per_sample_loss
 
 
@@ -68,8 +68,8 @@ def batches(
     """Yield (rows, x0, noise, t) on `device` for consecutive batches of uint8 NHWC images.
 
     The images are read (a memory map: one batch at a time) and turned into x0 by
-    data.batches.row_batches, in `num_workers` loader processes; the batches are the same for
-    any number."""
+    diffprune.batches.row_batches, in `num_workers` loader processes; the batches are the same
+    for any number."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(sample_ids) != len(images):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffprune.data.batches import row_batches
+from diffprune.batches import row_batches
 from diffprune.device import resolve_device
 from diffprune.errors import ConfigError, DataError
 from diffprune.io import atomic_path
@@ -283,7 +283,7 @@ def embed_images(
 ) -> np.ndarray:
     """Embed uint8 NHWC images (a memory map is fine) in batches; float32 (N, dim) in order.
 
-    `num_workers`: loader processes reading the batches (data.batches.row_batches); the
+    `num_workers`: loader processes reading the batches (diffprune.batches.row_batches); the
     embeddings are the same bytes for any number.
     """
     out = np.empty((len(images), embedder.dim), dtype=np.float32)

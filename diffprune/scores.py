@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from diffprune import io
-from diffprune.data.batches import resolve_num_workers
+from diffprune.batches import resolve_num_workers
 from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import sample_losses, scoring_batches

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffprune.data.batches import _as_tensor, _Batches, resolve_num_workers, row_batches
+from diffprune.batches import _as_tensor, _Batches, resolve_num_workers, row_batches
 from diffprune.data.tensors import to_model_input
 from diffprune.errors import ConfigError
 

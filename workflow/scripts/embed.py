@@ -6,8 +6,8 @@ bit-identical embeddings. Images are read and embeddings written batch by batch 
 
 from diffprune import io
 from diffprune.allocator import keep_freed_memory
+from diffprune.batches import resolve_num_workers
 from diffprune.data import load_store
-from diffprune.data.batches import resolve_num_workers
 from diffprune.embed import embed_to_file, embedder_info, load_embedder
 from diffprune.logs import setup, stopwatch
 

@@ -8,8 +8,8 @@ inputs: `autoencoder` (the folder) and `images` (the train store's images.npy); 
 from pathlib import Path
 
 from diffprune.autoencoder import write_latents
+from diffprune.batches import resolve_num_workers
 from diffprune.data import load_store
-from diffprune.data.batches import resolve_num_workers
 from diffprune.device import resolve_device
 from diffprune.logs import setup
 
