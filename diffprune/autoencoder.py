@@ -42,6 +42,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffprune import checkpoints, io
+from diffprune.batches import row_batches
 from diffprune.data import to_model_input, to_uint8
 from diffprune.device import resolve_device
 from diffprune.errors import ConfigError, DataError
@@ -71,10 +73,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "encode_batch_size": 256,
+    "encode_num_workers": "auto",
 }
 TRAIN_KEYS = ("block_channels", "latent_channels", "layers_per_block", "steps", "batch_size", "lr")
 # Keys that cannot change the weights of the steps a checkpoint holds (see the module docstring).
-RESUME_NEUTRAL = ("steps", "device", "encode_batch_size", "pretrained", "subfolder", "revision")
+RESUME_NEUTRAL = (
+    "steps", "device", "encode_batch_size", "encode_num_workers", "pretrained", "subfolder",
+    "revision",
+)  # fmt: skip
 HOLDOUT_FRACTION = 0.05  # the last 5% of the images: not trained on, reconstruction measured there
 SCALE_IMAGES = 10_000  # at most this many training images measure the latent scale
 LOG_EVERY = 50
@@ -354,12 +360,15 @@ def encode(
     resolution: int,
     batch_size: int = 256,
     device: str = "auto",
+    num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
     """float16 (N, C, h, w) posterior means of uint8 NHWC `images` resized to `resolution`, in
-    the images' order. Moves `ae` to `device`."""
+    the images' order. Moves `ae` to `device`. `num_workers`: loader processes that read and
+    resize the images (diffprune.batches.row_batches); the latents are the same bytes for any
+    number."""
     latents = np.empty((len(images), *latent_shape(ae, resolution)), dtype=np.float16)
-    _fill(latents, ae, images, resolution, batch_size, device, progress)
+    _fill(latents, ae, images, resolution, batch_size, device, num_workers, progress)
     return latents
 
 
@@ -371,6 +380,7 @@ def encode_to_file(
     resolution: int,
     batch_size: int = 256,
     device: str = "auto",
+    num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[int, ...]:
     """`encode` streamed batch by batch into a float16 .npy (memory O(batch)); the file appears
@@ -379,7 +389,7 @@ def encode_to_file(
     with io.atomic_path(out_path) as tmp:
         latents = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         try:
-            _fill(latents, ae, images, resolution, batch_size, device, progress)
+            _fill(latents, ae, images, resolution, batch_size, device, num_workers, progress)
             latents.flush()
         finally:
             del latents  # closes the memory map before the rename
@@ -425,6 +435,7 @@ def write_latents(
     meta_path: str | os.PathLike,
     batch_size: int = 256,
     device: str = "auto",
+    num_workers: int = 0,
     images_file: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
@@ -440,7 +451,7 @@ def write_latents(
     ae = load_autoencoder(ae_dir)
     shape = encode_to_file(
         ae, images, out_path, resolution=resolution, batch_size=batch_size, device=device,
-        progress=progress,
+        num_workers=num_workers, progress=progress,
     )  # fmt: skip
     meta = {
         "scale_factor": info["scale_factor"],
@@ -454,6 +465,7 @@ def write_latents(
         "latents": "posterior mean, unscaled: multiply by scale_factor for the diffusion model",
         "images_sha256": io.file_sha256(images_file) if images_file is not None else None,
         "device": str(ae.device),
+        "num_workers": num_workers,
         "seconds": time.perf_counter() - start,
         "code_version": io.code_version(),
     }
@@ -555,12 +567,12 @@ def _save(ae: AutoencoderKL, out_dir, record: dict, *, cfg: dict, seed: int, sta
     return record
 
 
-def _model_input(ae: AutoencoderKL, images: np.ndarray, resolution: int) -> torch.Tensor:
-    """Model input on the autoencoder's device; gray images repeated to RGB for an RGB model."""
-    x = to_model_input(np.asarray(images), resolution)
+def _on_autoencoder(ae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """to_model_input's output on the autoencoder's device and in its dtype; gray images
+    repeated to RGB for an RGB model."""
     if x.shape[1] == 1 and ae.config.in_channels == 3:
         x = x.expand(-1, 3, -1, -1)
-    return x.to(device=ae.device, dtype=ae.dtype)
+    return x.to(device=ae.device, dtype=ae.dtype, non_blocking=True)
 
 
 def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -576,23 +588,46 @@ def _encoded(
     batch_size: int,
     device: str,
     progress: bool,
+    num_workers: int = 0,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(positions in `rows` (default: all images), float32 CPU posterior means) per batch."""
+    """(positions in `rows` (default: all images), float32 CPU posterior means) per batch.
+
+    All images are read in order through row_batches, `num_workers` processes resizing them;
+    a subset (`rows`, the scale factor's sample) is gathered here, batch by batch."""
     _check_channels(ae, images.shape[-1])
     latent_shape(ae, resolution)
     ae.to(resolve_device(device)).eval()
+    if rows is None:
+        inputs = row_batches(
+            images,
+            batch_size,
+            transform=partial(to_model_input, resolution=resolution),
+            num_workers=num_workers,
+            pin_memory=ae.device.type == "cuda",
+        )
+    else:
+        inputs = _gathered(images, rows, batch_size, resolution)
     n = len(images) if rows is None else len(rows)
     with tqdm(total=n, desc="encode", unit="img", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            where = slice(start, min(start + batch_size, n))
-            batch = images[where] if rows is None else images[rows[where]]
-            mean = ae.encode(_model_input(ae, batch, resolution)).latent_dist.mean
+        for where, x in inputs:
+            mean = ae.encode(_on_autoencoder(ae, x)).latent_dist.mean
             yield where, mean.float().cpu()
             bar.update(where.stop - where.start)
 
 
-def _fill(out: np.ndarray, ae, images, resolution, batch_size, device, progress) -> None:
-    for where, z in _encoded(ae, images, None, resolution, batch_size, device, progress):
+def _gathered(
+    images: np.ndarray, rows: np.ndarray, batch_size: int, resolution: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(positions in `rows`, model input of those images) per batch of `rows`."""
+    for start in range(0, len(rows), batch_size):
+        where = slice(start, min(start + batch_size, len(rows)))
+        yield where, to_model_input(np.asarray(images[rows[where]]), resolution)
+
+
+def _fill(out, ae, images, resolution, batch_size, device, num_workers, progress) -> None:
+    for where, z in _encoded(
+        ae, images, None, resolution, batch_size, device, progress, num_workers=num_workers
+    ):
         out[where] = z.numpy().astype(np.float16)
 
 

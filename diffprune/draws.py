@@ -8,12 +8,14 @@ diffprune.scores).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffprune.batches import row_batches
 from diffprune.data import to_model_input
 from diffprune.diffusion import build_scheduler, draw, fixed_timestep, per_sample_loss
 
@@ -59,22 +61,33 @@ def batches(
     timestep: int | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    num_workers: int = 0,
     progress: bool = False,
     desc: str = "",
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (rows, x0, noise, t) on `device` for consecutive batches of uint8 NHWC images."""
+    """Yield (rows, x0, noise, t) on `device` for consecutive batches of uint8 NHWC images.
+
+    The images are read (a memory map: one batch at a time) and turned into x0 by
+    diffprune.batches.row_batches, in `num_workers` loader processes; the batches are the same
+    for any number."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(sample_ids) != len(images):
         raise ValueError(f"{len(sample_ids)} sample_ids for {len(images)} images; need one each")
+    device = torch.device(device)
+    inputs = row_batches(
+        images,
+        batch_size,
+        transform=partial(to_model_input, resolution=resolution),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            rows = slice(start, min(start + batch_size, len(images)))
-            x0 = to_model_input(np.asarray(images[rows]), resolution)
+        for rows, x0 in inputs:
             noise, t = fixed_draws(
                 x0, sample_ids[rows], scheduler, seed=seed, draw_index=draw_index, timestep=timestep
             )
-            yield rows, x0.to(device), noise.to(device), t.to(device)
+            yield rows, x0.to(device, non_blocking=True), noise.to(device), t.to(device)
             bar.update(rows.stop - rows.start)
 
 
@@ -93,6 +106,7 @@ def scoring_batches(
     draw_index: int = 0,
     timestep: int | None = None,
     batch_size: int = 256,
+    num_workers: int = 0,
     progress: bool = False,
     desc: str = "",
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -114,6 +128,7 @@ def scoring_batches(
                 timestep=timestep,
                 batch_size=batch_size,
                 device=device,
+                num_workers=num_workers,
                 progress=progress,
                 desc=desc,
             )
@@ -132,6 +147,7 @@ def sample_losses(
     draw_index: int = 0,
     timestep: int | None = None,
     batch_size: int = 256,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
     """Per-sample diffusion loss (float64, (N,)) of `model` under the fixed per-sample draws.
@@ -151,6 +167,7 @@ def sample_losses(
         draw_index=draw_index,
         timestep=timestep,
         batch_size=batch_size,
+        num_workers=num_workers,
         progress=progress,
         desc="losses",
     ):

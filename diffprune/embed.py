@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffprune.batches import row_batches
 from diffprune.device import resolve_device
 from diffprune.errors import ConfigError, DataError
+from diffprune.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +202,25 @@ class Embedder:
         self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
-    def preprocess(self, batch_uint8_nhwc: np.ndarray) -> torch.Tensor:
-        """uint8 (B,H,W,1|3) -> normalised float32 (B,3,size,size) on the embedder's device."""
-        batch = np.asarray(batch_uint8_nhwc)
-        if batch.ndim != 4 or batch.dtype != np.uint8 or batch.shape[-1] not in (1, 3):
-            raise ValueError(
-                f"expected uint8 images (B,H,W,1|3), got {batch.dtype}{tuple(batch.shape)}"
-            )
-        x = torch.from_numpy(np.array(batch, copy=True)).to(self.device)
+    def preprocess(self, batch_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B,H,W,1|3) -> normalised float32 (B,3,size,size) on the embedder's device.
+
+        A tensor (row_batches' batch, pinned for CUDA) is copied to the device without blocking.
+        """
+        batch = batch_uint8_nhwc
+        if not torch.is_tensor(batch):
+            batch = torch.from_numpy(np.array(batch, copy=True))
+        if batch.ndim != 4 or batch.dtype != torch.uint8 or batch.shape[-1] not in (1, 3):
+            dtype = str(batch.dtype).removeprefix("torch.")
+            raise ValueError(f"expected uint8 images (B,H,W,1|3), got {dtype}{tuple(batch.shape)}")
+        x = batch.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).contiguous().float() / 255.0
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         x = _resize_center_crop(x, self.image_size)
         return ((x - self._mean) / self._std).contiguous(memory_format=self.memory_format)
 
-    def __call__(self, batch_uint8_nhwc: np.ndarray) -> np.ndarray:
+    def __call__(self, batch_uint8_nhwc: np.ndarray | torch.Tensor) -> np.ndarray:
         x = self.preprocess(batch_uint8_nhwc)
         with torch.inference_mode():
             features = self.model(x).float()
@@ -267,16 +274,54 @@ def load_embedder(
 
 
 def embed_images(
-    images: np.ndarray, embedder: Embedder, *, batch_size: int = 256, progress: bool = True
+    images: np.ndarray,
+    embedder: Embedder,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
 ) -> np.ndarray:
-    """Embed uint8 NHWC images (a memory map is fine) in batches; float32 (N, dim) in order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    """Embed uint8 NHWC images (a memory map is fine) in batches; float32 (N, dim) in order.
+
+    `num_workers`: loader processes reading the batches (diffprune.batches.row_batches); the
+    embeddings are the same bytes for any number.
+    """
     out = np.empty((len(images), embedder.dim), dtype=np.float32)
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=f"embedding ({embedder.name})", disable=not progress):
-        out[start : start + batch_size] = embedder(images[start : start + batch_size])
+    _embed_into(out, images, embedder, batch_size, num_workers, progress)
     return out
+
+
+def embed_to_file(
+    images: np.ndarray,
+    embedder: Embedder,
+    out_path: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """`embed_images` streamed into a float32 .npy (the bytes np.save writes), so memory is
+    O(batch) for any number of images; the file appears under its name only when complete.
+    Returns its shape."""
+    shape = (len(images), embedder.dim)
+    with atomic_path(out_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            _embed_into(out, images, embedder, batch_size, num_workers, progress)
+            out.flush()
+        finally:
+            del out  # closes the memory map before the rename
+    return shape
+
+
+def _embed_into(out, images, embedder, batch_size, num_workers, progress) -> None:
+    batches = row_batches(
+        images, batch_size, num_workers=num_workers, pin_memory=embedder.device.type == "cuda"
+    )
+    with tqdm(total=len(images), desc=f"embedding ({embedder.name})", disable=not progress) as bar:
+        for rows, batch in batches:
+            out[rows] = embedder(batch)
+            bar.update(rows.stop - rows.start)
 
 
 def embedder_info(embedder: Embedder) -> dict:

@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from diffprune import io
+from diffprune.batches import resolve_num_workers
 from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import sample_losses, scoring_batches
@@ -48,7 +49,12 @@ from diffprune.surrogate import (
 log = logging.getLogger(__name__)
 
 # Keys of params["scores"] that compute_scores reads, with their defaults (those of params.yaml).
-DEFAULTS: dict[str, Any] = {"el2n_draws": 1, "timestep": 15, "weights": "ema"}
+DEFAULTS: dict[str, Any] = {
+    "el2n_draws": 1,
+    "timestep": 15,
+    "weights": "ema",
+    "num_workers": "auto",
+}
 
 
 def el2n(
@@ -61,6 +67,7 @@ def el2n(
     timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 256,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
     """EL2N analogue: the per-sample diffusion loss, averaged over `draws` seeded (t, noise) draws.
@@ -84,6 +91,7 @@ def el2n(
             draw_index=d,
             timestep=timestep,
             batch_size=batch_size,
+            num_workers=num_workers,
             progress=progress,
         )
     return total / draws
@@ -116,6 +124,7 @@ def per_sample_grad_stats(
     timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 64,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """|g_i|^2 and <reference, g_i> for every sample: g_i is the gradient of sample i's loss (its
@@ -152,6 +161,7 @@ def per_sample_grad_stats(
             seed=seed,
             timestep=timestep,
             batch_size=batch_size,
+            num_workers=num_workers,
             progress=progress,
             desc="per-sample gradients",
         ):
@@ -178,6 +188,7 @@ def grand(
     timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 64,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
     """GraNd analogue: L2 norm of the per-sample loss gradient over all parameters (batched).
@@ -191,6 +202,7 @@ def grand(
         timestep=timestep,
         sample_ids=sample_ids,
         batch_size=batch_size,
+        num_workers=num_workers,
         progress=progress,
     )
     return np.sqrt(sq)
@@ -238,6 +250,7 @@ def mean_gradient(
     seed: int = 0,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 64,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """g = mean over samples of the per-sample gradients, as parameter name -> tensor.
@@ -256,6 +269,7 @@ def mean_gradient(
         sample_ids=sample_ids,
         seed=seed,
         batch_size=batch_size,
+        num_workers=num_workers,
         progress=progress,
         desc="mean gradient",
     ):
@@ -293,6 +307,7 @@ def moso(
     seed: int = 0,
     sample_ids: np.ndarray | None = None,
     batch_size: int = 64,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
     """MoSo score of every sample of one subset (`images`) at one snapshot (`model`).
@@ -300,7 +315,13 @@ def moso(
     Two streaming passes: the subset's mean gradient g, then |g_i|^2 and <g, g_i> per chunk, so no
     (N, parameters) matrix is ever held. compute_scores sums this over snapshots.
     """
-    kwargs = {"cfg": cfg, "seed": seed, "sample_ids": sample_ids, "batch_size": batch_size}
+    kwargs = {
+        "cfg": cfg,
+        "seed": seed,
+        "sample_ids": sample_ids,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+    }
     g = mean_gradient(model, images, progress=progress, **kwargs)
     mean_sq = float(sum(v.double().pow(2).sum().item() for v in g.values()))
     sq, dots = per_sample_grad_stats(model, images, reference=g, progress=progress, **kwargs)
@@ -357,6 +378,7 @@ def compute_scores(
             f"trained on ({meta['n']}); pass its training images or retrain it"
         )
     device = resolve_device(device)
+    num_workers = resolve_num_workers(cfg["num_workers"], device, key="scores.num_workers")
     start = time.perf_counter()
     if name == "forgetting":
         if not (surrogate_dir / LOSSES).exists():
@@ -368,6 +390,7 @@ def compute_scores(
             images,
             seed=seed,
             batch_size=batch_size,
+            num_workers=num_workers,
             device=device,
             progress=progress,
         )
@@ -378,6 +401,7 @@ def compute_scores(
             "seed": seed,
             "timestep": cfg["timestep"],
             "batch_size": batch_size,
+            "num_workers": num_workers,
             "progress": progress,
         }
         if name == "el2n":
@@ -395,6 +419,7 @@ def compute_scores(
         "batch_size": batch_size,
         "params": cfg,
         "device": str(device),
+        "num_workers": num_workers,
         "surrogate_seconds": meta["seconds"],
         "scoring_seconds": scoring,
         "seconds": meta["seconds"] + scoring,
@@ -410,6 +435,7 @@ def _moso_all(
     *,
     seed: int,
     batch_size: int,
+    num_workers: int,
     device: torch.device,
     progress: bool,
 ) -> np.ndarray:
@@ -431,6 +457,7 @@ def _moso_all(
                 seed=seed,
                 sample_ids=ids,
                 batch_size=batch_size,
+                num_workers=num_workers,
                 progress=False,
             )
     return scores

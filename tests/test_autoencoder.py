@@ -198,6 +198,15 @@ def test_encode_to_file_matches_and_leaves_no_temporary_file(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["latents.npy"]
 
 
+def test_encode_reads_a_memory_map_through_workers_to_the_same_bytes(tmp_path):
+    ae, data = tiny_model(), images(n=30, size=20)  # resized to 16 px, in the workers
+    np.save(tmp_path / "images.npy", data)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    kwargs = {"resolution": RESOLUTION, "batch_size": 8, "progress": False}
+    expected = encode(ae, data, **kwargs)
+    assert encode(ae, mapped, num_workers=2, **kwargs).tobytes() == expected.tobytes()
+
+
 def test_decode_gives_images_in_range():
     ae, data = tiny_model(), images(n=5)
     latents = encode(ae, data, resolution=RESOLUTION, progress=False)
@@ -215,10 +224,10 @@ def test_write_latents_records_the_scale_factor(tmp_path, trained):
     out, meta_path = tmp_path / "latents.npy", tmp_path / "latents.json"
     write_latents(
         folder, data, resolution=RESOLUTION, out_path=out, meta_path=meta_path,
-        device="cpu", images_file=tmp_path / "images.npy", progress=False,
+        device="cpu", num_workers=1, images_file=tmp_path / "images.npy", progress=False,
     )  # fmt: skip
     latents, meta = load_latents(out, meta_path)
-    assert meta["scale_factor"] == summary["scale_factor"]
+    assert meta["scale_factor"] == summary["scale_factor"] and meta["num_workers"] == 1
     assert meta["shape"] == [40, 2, 8, 8] and meta["dtype"] == "float16"
     assert meta["images_sha256"] and meta["autoencoder_sha256"]
     assert (latents.astype(np.float64) * meta["scale_factor"]).std() == pytest.approx(1, rel=1e-2)

@@ -57,6 +57,10 @@ CASES = [
     case("report.dir", "out", "report.dir = 'out' is not allowed; allowed: results or a folder"),
     case("study.ratios", [0.5, 1.0], "study.ratios.1 = 1.0: must be < 1"),
     case("autoencoder.loss", "huber", "allowed: mse, l1"),
+    case("embed.num_workers", "all", "= 'all' is not allowed; allowed: auto | an integer >= 0"),
+    case("embed.num_workers", -1, "embed.num_workers = -1: must be >= 0"),
+    case("scores.num_workers", 2.0, "has the wrong type; expected string or integer (write 2, not"),
+    case("autoencoder.encode_num_workers", True, "= True has the wrong type; expected string or"),
     # integers written as floats (JSON Schema counts 300.0 as an integer), and bools
     case("data.train_size", 300.0, "must be null or an integer >= 1 (write 300, not 300.0)"),
     case("train.steps", 1000.0, "has the wrong type; expected integer (write 1000, not 1000.0)"),

@@ -50,6 +50,8 @@ def test_default_params_are_valid():
     validate_params(params(train__dit_size=DELETE, train__conditional=DELETE))  # code defaults
     validate_params(params(scores__timestep=None, scores__weights="raw"))
     validate_params(params(study__methods=["el2n-mid", "moso"]))  # scores follow from methods
+    validate_params(params(embed__num_workers=4, scores__num_workers=0))
+    validate_params(params(embed__num_workers=DELETE, autoencoder__encode_num_workers=DELETE))
     validate_params(
         params(
             autoencoder__source="pretrained", autoencoder__pretrained="stabilityai/sd-vae-ft-ema"

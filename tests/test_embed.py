@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from diffprune.embed import EMBEDDERS, embed_images, embedder_info, load_embedder
+from diffprune.data.store import load_store, write_store
+from diffprune.embed import EMBEDDERS, embed_images, embed_to_file, embedder_info, load_embedder
 from diffprune.errors import ConfigError
 
 
@@ -65,6 +69,43 @@ def test_embed_images_batches_match_one_call(effnet):
     assert info["model"] == "efficientnet-lite0" and info["dim"] == 1280
     assert info["image_size"] == 32 and info["weights"].endswith(".pth")
     assert info["preprocessing"]["l2_normalize"] is False
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store of 300 images (32 px RGB), memory-mapped as the embed stage reads it."""
+    root = tmp_path_factory.mktemp("store")
+    images = _images(300, 32, seed=5)
+    index = pd.DataFrame({"sample_id": np.arange(300), "source": "test"})
+    write_store(root, [images[:150], images[150:]], images.shape, index, {"source": "test"})
+    return load_store(root)
+
+
+def test_loader_workers_give_the_same_embedding_bytes(effnet, store, tmp_path):
+    assert isinstance(store.images, np.memmap)
+    alone = embed_images(store.images, effnet, batch_size=64, progress=False)
+    np.testing.assert_allclose(alone[:5], effnet(store.images[:5]), rtol=1e-4, atol=1e-5)
+    out = tmp_path / "embed" / "embeddings.npy"
+    shape = embed_to_file(store.images, effnet, out, batch_size=64, num_workers=2, progress=False)
+    assert shape == (300, 1280) and [p.name for p in out.parent.iterdir()] == [out.name]
+    np.save(tmp_path / "saved.npy", alone)  # streamed to the file: the bytes np.save writes
+    assert out.read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_embedding_a_mapped_store_holds_a_batch_not_the_dataset(effnet, store, tmp_path, workers):
+    batch = 20
+    embed_to_file(store.images[:batch], effnet, tmp_path / "warm.npy", progress=False)
+    tracemalloc.start()
+    try:
+        embed_to_file(store.images, effnet, tmp_path / "e.npy", batch_size=batch,
+                      num_workers=workers, progress=False)  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dataset = store.images.nbytes + 300 * 1280 * 4  # images in, embeddings out: 2.5 MB
+    per_batch = dataset * batch // 300
+    assert peak < 4 * per_batch < dataset / 3, f"peak {peak} B; one batch: {per_batch} B"
 
 
 def test_unknown_embedder_lists_the_allowed_names(effnet):

@@ -255,6 +255,17 @@ def test_surrogate_records_losses_at_snapshots_and_scores_read_them(
     scores, _ = compute_scores("grand", **common, batch_size=4, progress=False)
     np.testing.assert_allclose(scores, grand_loop(ema, images, **at_15), rtol=1e-5)
 
+    # the store memory-mapped and read by two loader workers: the same scores, bit for bit
+    np.save(tmp_path / "images.npy", images)
+    mapped = {**common, "images": np.load(tmp_path / "images.npy", mmap_mode="r")}
+    for name in ("el2n", "grand"):
+        alone, info = compute_scores(name, **common, batch_size=4, progress=False)
+        assert info["num_workers"] == 0  # auto on the CPU
+        workers, info = compute_scores(
+            name, **mapped, cfg={"num_workers": 2}, batch_size=4, progress=False
+        )
+        assert workers.tobytes() == alone.tobytes() and info["num_workers"] == 2
+
     with pytest.raises(DataError, match="not the ones the surrogate"):
         compute_scores("el2n", **{**common, "images": images[:-1]}, progress=False)
     with pytest.raises(ValueError, match="unknown score 'loss'"):
@@ -306,3 +317,8 @@ def test_moso_surrogates_score_each_sample_in_its_own_subset(
             )
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     assert info["surrogate_seconds"] == meta["seconds"] > 0
+    workers, _ = compute_scores(
+        "moso", surrogate_dir=tmp_path / "moso", images=images, cfg={"num_workers": 2}, seed=2,
+        device="cpu", batch_size=3, progress=False,
+    )  # fmt: skip
+    assert workers.tobytes() == scores.tobytes()

@@ -8,12 +8,15 @@ inputs: `autoencoder` (the folder) and `images` (the train store's images.npy); 
 from pathlib import Path
 
 from diffprune.autoencoder import write_latents
+from diffprune.batches import resolve_num_workers
 from diffprune.data import load_store
+from diffprune.device import resolve_device
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg = snakemake.params.autoencoder
 store = load_store(Path(snakemake.input.images).parent)
+device = resolve_device(cfg.get("device", "auto"))
 write_latents(
     snakemake.input.autoencoder,
     store.images,
@@ -21,6 +24,9 @@ write_latents(
     out_path=snakemake.output.latents,
     meta_path=snakemake.output.meta,
     batch_size=cfg.get("encode_batch_size", 256),
-    device=cfg.get("device", "auto"),
+    device=str(device),
+    num_workers=resolve_num_workers(
+        cfg.get("encode_num_workers", "auto"), device, key="autoencoder.encode_num_workers"
+    ),
     images_file=snakemake.input.images,
 )

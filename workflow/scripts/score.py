@@ -1,6 +1,6 @@
-"""Snakemake script for rule `score`: per-sample scores from the surrogate(s)."""
+"""Snakemake script for rule `score`: per-sample scores from the surrogate(s).
 
-import numpy as np
+The store stays memory-mapped: el2n and grand read it batch by batch (scores.num_workers)."""
 
 from diffprune import io
 from diffprune.data import load_store
@@ -13,7 +13,7 @@ store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
 scores, info = compute_scores(
     snakemake.wildcards.score,
     surrogate_dir=snakemake.input.surrogate,
-    images=np.asarray(store.images),
+    images=store.images,
     cfg=cfg,
     seed=cfg["seed"],
     batch_size=cfg["batch_size"],
