@@ -20,6 +20,7 @@ import fcntl
 import itertools
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,11 +44,18 @@ class RunLocked(RuntimeError):
 
 def save(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` (with "key" and "step") as ``latest.pt``; the former one becomes
-    ``previous.pt``. A crash while writing leaves ``previous.pt`` to resume from."""
+    ``previous.pt``. ``latest.pt`` exists at every moment once written (a reader or a crash never
+    finds the folder without it): the former one is hard-linked (or copied) to ``previous.pt``
+    first, and the new one renamed over it."""
     directory = Path(directory)
     latest = directory / LATEST
     if latest.exists():
-        os.replace(latest, directory / PREVIOUS)
+        with io.atomic_path(directory / PREVIOUS) as tmp:
+            try:
+                tmp.unlink()
+                os.link(latest, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(latest, tmp)
     with io.atomic_path(latest) as tmp:
         torch.save(state, tmp)
     log.info("checkpoint at step %d -> %s", state["step"], latest)

@@ -193,6 +193,27 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path, caplo
     assert not (ckpt / checkpoints.LATEST).exists() and not (ckpt / checkpoints.PREVIOUS).exists()
 
 
+def test_latest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatch):
+    """Rotation never leaves the folder without latest.pt: a reader (or a crash) at any moment
+    finds the newest complete checkpoint there, and previous.pt is the one before it."""
+    seen = []
+    real_save = torch.save
+
+    def watching_save(obj, f, *args, **kwargs):
+        latest = tmp_path / checkpoints.LATEST
+        if latest.exists():
+            seen.append(torch.load(latest, weights_only=True)["step"])
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    for step in (1, 2, 3):
+        checkpoints.save(tmp_path, {"key": {}, "step": step})
+    assert seen == [1, 2]  # during the saves of steps 2 and 3, the former latest.pt was there
+    assert torch.load(tmp_path / checkpoints.LATEST, weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / checkpoints.PREVIOUS, weights_only=True)["step"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_second_training_of_the_same_run_is_refused_while_one_runs(tmp_path):
     with (
         checkpoints.run_lock(tmp_path / "x" / "ckpt"),
