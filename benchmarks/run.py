@@ -44,7 +44,14 @@ def benchmarks(quick: bool) -> list:
         ("imports", lambda: bench_imports(repeats=1 if quick else 3)),
         ("embedding", lambda: bench_embedding(n=256 if quick else 1024)),
         ("grand", lambda: bench_grand(n=16 if quick else 128)),
-        ("kmeans", lambda: bench_kmeans(n=100_000, k=100) if quick else bench_kmeans()),
+        (
+            "kmeans",
+            lambda: (
+                bench_kmeans(n=100_000, k=100, objective_size=(20_000, 50))
+                if quick
+                else bench_kmeans()
+            ),
+        ),
     ]
     return jobs
 

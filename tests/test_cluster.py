@@ -331,9 +331,16 @@ def test_bench_kmeans_rows_have_the_table_columns():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.bench_kmeans(
-        n=3000, dim=16, k=20, iterations=1, default_n=300, default_dim=8, default_k=3
+        n=3000,
+        dim=16,
+        k=20,
+        iterations=1,
+        default_n=300,
+        default_dim=8,
+        default_k=3,
+        objective_size=(2000, 10),
     )
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
         assert set(row) == set(ROW_KEYS)
         assert row["value"] > 0 and row["baseline_value"] > 0
