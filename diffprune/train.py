@@ -7,16 +7,32 @@ seeded by (seed, step): a step's batch depends on nothing else, which makes resu
 saving sampler state, and N processes train on the same batches as one.
 
 Inputs: uint8 ``images`` (pixel space, resized to train.resolution), or float ``latents`` (N, C, h,
-w) that an autoencoder made and the caller already multiplied by its scale factor; then ``latent``
-(``{"autoencoder": source, "scale_factor": s}``) goes into train.json, so that sampling can decode.
+w) as an autoencoder encoded them, which the loop multiplies by ``latent["scale_factor"]``; the
+``latent`` record (``{"autoencoder": source, "scale_factor": s}``) goes into train.json, so that
+sampling can decode. Either may be a memory map, with ``rows`` the ids of the kept rows: only the
+rows in use are read (``diffprune.train_data``).
 Class labels: a DiT always gets one per sample; with ``cfg["conditional"]`` it is the row's label
 from ``labels`` (``num_classes`` classes), replaced by the null label ``num_classes`` with
 probability ``cfg["label_dropout"]`` (classifier-free guidance training); without it, always the
 null label (a table of no classes).
 
+Data (``cfg["data_on_device"]``): ``true`` puts the kept subset as model input on the device once;
+``false`` keeps it on the host as stored and makes each step's batch there (gather the rows,
+convert them with the same function, pin on CUDA, copy without blocking), one step ahead in a
+background thread; ``auto`` is true when the model input takes at most 1/4 of the device's free
+memory. Both give the same bytes (tested), so the setting does not touch the run key. The loop
+syncs with the device only at log and checkpoint steps: every step's draws are made on the host
+and copied without blocking.
+
+GPU switches: ``tf32`` (TF32 matrix products and convolutions on CUDA; nothing on CPU),
+``fused_adamw`` (torch's fused AdamW: ``auto`` on CUDA only, so CPU runs keep their numbers;
+``true`` works on the CPU too since torch 2.4) and ``compile`` (``torch.compile`` of the network for
+the loss; EMA, checkpoints and the saved model use the plain module). All three change the
+numerics, so they are part of the run key; train.json records what was used.
+
 Checkpoints: every ``checkpoint_every`` steps (and at the last step) the model, EMA, optimizer,
 step, torch RNG states, loss history and the run key (hash of the config, seed, image count,
-image or latent content, labels, process count) are written atomically to
+stored image or latent content, scale factor, labels, process count) are written atomically to
 ``checkpoint_dir/latest.pt``, the one before becoming ``previous.pt`` (``diffprune.checkpoints``).
 A new call resumes from the newest readable one when the key matches, else it starts over and
 logs why; an unreadable one is moved aside. The checkpoints are deleted once the final model is
@@ -32,8 +48,12 @@ non-finite weights is never written.
 Output: the EMA weights in diffusers' pipeline layout (``unet/`` or ``transformer/``,
 ``scheduler/``; a DDPM UNet also gets ``model_index.json`` and loads with
 ``diffusers.DDPMPipeline.from_pretrained``), plus ``train.json`` (status "ok", cfg, seed, n_images,
-steps, wall_seconds, final_loss, device, num_classes, latent, ...),
-written atomically as one folder. ``load_model`` reads it back, and refuses a failed run's folder
+steps, wall_seconds, final_loss, device, num_classes, latent, the switches used, ...), written
+atomically as one folder. Throughput in train.json: ``images_per_second`` (global, of the steps
+this call ran, setup excluded), ``flops_per_image`` (3x a batch-1 forward counted by
+FlopCounterMode, ``diffprune.throughput``) and ``mfu`` against the device's dense bf16 peak, or
+null when no peak is known (the CPU, an unlisted GPU), with ``mfu_note`` saying which or why.
+``load_model`` reads it back, and refuses a failed run's folder
 (``diffprune.status.write_failed_model``).
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
@@ -138,7 +158,7 @@ def train(
     """
     start_time = time.perf_counter()
     cfg = _loop_config(resolve_config(cfg))
-    data = _kept_rows(images, latents, latent, rows, resolution=cfg["resolution"])
+    data = train_data.kept_rows(images, latents, latent, rows, resolution=cfg["resolution"])
     if cfg["conditional"]:
         _check_labels(labels, num_classes, len(data))
     else:
@@ -405,54 +425,6 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict
     model = disable_label_dropout(spec.cls.from_pretrained(model_dir, subfolder=spec.subfolder))
     scheduler = scheduler_class(cfg["objective"]).from_pretrained(model_dir, subfolder="scheduler")
     return model.eval(), scheduler, cfg
-
-
-def _kept_rows(
-    images: np.ndarray | None,
-    latents: np.ndarray | None,
-    latent: dict[str, Any] | None,
-    rows: np.ndarray | None,
-    *,
-    resolution: int,
-) -> KeptRows:
-    """The rows the run trains on, checked, without reading them."""
-    if (images is None) == (latents is None):
-        raise ValueError("train needs exactly one of images and latents")
-    if (latents is None) != (latent is None):
-        raise ValueError(
-            "latents need their latent record (autoencoder, scale_factor), and only they"
-        )
-    source = images if latents is None else latents
-    if images is not None:
-        if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
-            raise DataError(
-                f"train needs uint8 images (N,H,W,C) with N >= 1, got {images.dtype}{images.shape}"
-            )
-    else:
-        n, _, h, w = latents.shape if latents.ndim == 4 else (0, 0, 0, 0)
-        if not np.issubdtype(latents.dtype, np.floating) or n == 0 or h != w:
-            raise DataError(
-                f"train needs float latents (N,C,h,w) with N >= 1 and h = w, got "
-                f"{latents.dtype}{latents.shape}"
-            )
-        missing = {"autoencoder", "scale_factor"} - latent.keys()
-        if missing:
-            raise ValueError(f"the latent record lacks {sorted(missing)}")
-    rows = np.arange(len(source)) if rows is None else np.asarray(rows)
-    if (
-        rows.ndim != 1
-        or len(rows) == 0
-        or not np.issubdtype(rows.dtype, np.integer)
-        or rows.min() < 0
-        or rows.max() >= len(source)
-    ):
-        raise DataError(
-            f"train needs the kept rows as >= 1 integer ids in [0, {len(source)}), got "
-            f"{rows.dtype}{rows.shape}"
-        )
-    if latents is None:
-        return KeptRows(images, rows.astype(np.int64), resolution=resolution)
-    return KeptRows(latents, rows.astype(np.int64), scale=float(latent["scale_factor"]))
 
 
 def _check_labels(labels: np.ndarray | None, num_classes: int | None, n: int) -> None:

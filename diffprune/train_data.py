@@ -26,11 +26,13 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from diffprune.data import to_model_input
+from diffprune.errors import DataError
 
 #: Stored bytes read at a time to hash the kept rows or to put them on the device.
 CHUNK_BYTES = 64 * 2**20
@@ -101,6 +103,55 @@ class KeptRows:
         for part in self.chunks():
             digest.update(np.ascontiguousarray(self.source[self.rows[part]]).data)
         return digest.hexdigest()
+
+
+def kept_rows(
+    images: np.ndarray | None,
+    latents: np.ndarray | None,
+    latent: dict[str, Any] | None,
+    rows: np.ndarray | None,
+    *,
+    resolution: int,
+) -> KeptRows:
+    """The kept `rows` (None: all) of `images` or of `latents` (with their `latent` record),
+    checked, without reading them."""
+    if (images is None) == (latents is None):
+        raise ValueError("train needs exactly one of images and latents")
+    if (latents is None) != (latent is None):
+        raise ValueError(
+            "latents need their latent record (autoencoder, scale_factor), and only they"
+        )
+    source = images if latents is None else latents
+    if images is not None:
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+            raise DataError(
+                f"train needs uint8 images (N,H,W,C) with N >= 1, got {images.dtype}{images.shape}"
+            )
+    else:
+        n, _, h, w = latents.shape if latents.ndim == 4 else (0, 0, 0, 0)
+        if not np.issubdtype(latents.dtype, np.floating) or n == 0 or h != w:
+            raise DataError(
+                f"train needs float latents (N,C,h,w) with N >= 1 and h = w, got "
+                f"{latents.dtype}{latents.shape}"
+            )
+        missing = {"autoencoder", "scale_factor"} - latent.keys()
+        if missing:
+            raise ValueError(f"the latent record lacks {sorted(missing)}")
+    rows = np.arange(len(source)) if rows is None else np.asarray(rows)
+    if (
+        rows.ndim != 1
+        or len(rows) == 0
+        or not np.issubdtype(rows.dtype, np.integer)
+        or rows.min() < 0
+        or rows.max() >= len(source)
+    ):
+        raise DataError(
+            f"train needs the kept rows as >= 1 integer ids in [0, {len(source)}), got "
+            f"{rows.dtype}{rows.shape}"
+        )
+    if latents is None:
+        return KeptRows(images, rows.astype(np.int64), resolution=resolution)
+    return KeptRows(latents, rows.astype(np.int64), scale=float(latent["scale_factor"]))
 
 
 def free_bytes(device: torch.device) -> int:
