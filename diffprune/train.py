@@ -294,7 +294,7 @@ def train(
                 running += loss.detach()
                 count += 1
                 if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-                    # the loop's one host sync, at log steps only
+                    # a host sync: only at log steps (and checkpoint steps, below)
                     mean_loss = accelerator.reduce(running / count, reduction="mean").item()
                     if not math.isfinite(mean_loss):
                         raise checkpoints.diverged(
