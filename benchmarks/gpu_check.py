@@ -7,7 +7,8 @@ size on the CPU in well under a minute, which is how it is tested without a GPU.
   latents (256 px images through an f8 autoencoder), flow-matching loss, bf16 autocast, TF32
   matmuls, fused AdamW, optionally `torch.compile` (`--compile`). MFU: model FLOPs per image
   (forward + backward = 3x the forward, the forward counted by
-  torch.utils.flop_counter.FlopCounterMode on a small batch) times images/s over the peak.
+  torch.utils.flop_counter.FlopCounterMode on a small batch: diffprune.throughput.forward_flops,
+  as training counts it for train.json) times images/s over the peak.
   Two peaks are reported: the H200 datasheet's dense BF16 989 TFLOP/s
   (diffprune.throughput.H200_BF16_DENSE_PEAK) and the 790 TFLOP/s that bf16 matrix products
   reached on the lent machine (../shared/gpu.md).
@@ -39,10 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffprune.io import atomic_path
-from diffprune.throughput import H200_BF16_DENSE_PEAK, mfu
+from diffprune.throughput import (
+    H200_BF16_DENSE_PEAK,
+    TRAIN_FLOPS_PER_FORWARD,
+    forward_flops,
+    mfu,
+)
 
 #: bf16 matrix-product throughput measured on the lent H200 (../shared/gpu.md).
 H200_BF16_MEASURED = 790e12
@@ -82,14 +87,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
-    """FLOPs of one forward pass per image, counted on the batch `x`."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x, timestep=t, class_labels=torch.zeros_like(t, dtype=torch.long))
-    return counter.get_total_flops() / len(x)
-
-
 def flow_loss(model: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
     """Flow matching (the default objective): x_t = (1 - t) x0 + t noise, target noise - x0."""
     t = torch.rand(len(x0), device=x0.device)
@@ -108,7 +105,9 @@ def bench_train(cfg: dict, device: torch.device, compile_model: bool) -> dict[st
     model = build_model(train_cfg(cfg["dit"], size), in_channels=channels).to(device)
     params = sum(p.numel() for p in model.parameters())
     probe = torch.randn(2, channels, size, size, device=device)
-    flops_fwd = forward_flops(model, probe, torch.full((2,), 500.0, device=device))
+    t = torch.full((2,), 500.0, device=device)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    flops_fwd = forward_flops(model, probe, t, class_labels=labels)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
     step_model = torch.compile(model) if compile_model else model
@@ -135,7 +134,7 @@ def bench_train(cfg: dict, device: torch.device, compile_model: bool) -> dict[st
     sync(device)
     seconds = time.perf_counter() - start
     images_per_s = batch * cfg["train_steps"] / seconds
-    flops_train = 3 * flops_fwd
+    flops_train = TRAIN_FLOPS_PER_FORWARD * flops_fwd
     return {
         "setup": {
             "model": cfg["dit"], "parameters": params, "input": [channels, size, size],

@@ -461,7 +461,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
     value = error.instance
     kind, arg = error.validator, error.validator_value
     if kind == "enum":
-        return f"{key} = {value!r} is not allowed; allowed: {', '.join(map(str, arg))}"
+        return f"{key} = {value!r} is not allowed; allowed: {', '.join(map(_yaml_text, arg))}"
     if kind == "type":
         expected = " or ".join(arg) if isinstance(arg, list) else arg
         return f"{key} = {value!r} has the wrong type; expected {expected}{_float_hint(value)}"
@@ -489,6 +489,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
             f"{_float_hint(value)}"
         )
     return f"{key} = {value!r}: {error.message}"
+
+
+def _yaml_text(value: Any) -> str:
+    """An allowed value as params.yaml spells it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _float_hint(value: Any) -> str:

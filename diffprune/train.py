@@ -7,16 +7,32 @@ seeded by (seed, step): a step's batch depends on nothing else, which makes resu
 saving sampler state, and N processes train on the same batches as one.
 
 Inputs: uint8 ``images`` (pixel space, resized to train.resolution), or float ``latents`` (N, C, h,
-w) that an autoencoder made and the caller already multiplied by its scale factor; then ``latent``
-(``{"autoencoder": source, "scale_factor": s}``) goes into train.json, so that sampling can decode.
+w) as an autoencoder encoded them, which the loop multiplies by ``latent["scale_factor"]``; the
+``latent`` record (``{"autoencoder": source, "scale_factor": s}``) goes into train.json, so that
+sampling can decode. Either may be a memory map, with ``rows`` the ids of the kept rows: only the
+rows in use are read (``diffprune.train_data``).
 Class labels: a DiT always gets one per sample; with ``cfg["conditional"]`` it is the row's label
 from ``labels`` (``num_classes`` classes), replaced by the null label ``num_classes`` with
 probability ``cfg["label_dropout"]`` (classifier-free guidance training); without it, always the
 null label (a table of no classes).
 
+Data (``cfg["data_on_device"]``): ``true`` puts the kept subset as model input on the device once;
+``false`` keeps it on the host as stored and makes each step's batch there (gather the rows,
+convert them with the same function, pin on CUDA, copy without blocking), one step ahead in a
+background thread; ``auto`` is true when the model input takes at most 1/4 of the device's free
+memory. Both give the same bytes (tested), so the setting does not touch the run key. The loop
+syncs with the device only at log and checkpoint steps: every step's draws are made on the host
+and copied without blocking.
+
+GPU switches: ``tf32`` (TF32 matrix products and convolutions on CUDA; nothing on CPU),
+``fused_adamw`` (torch's fused AdamW: ``auto`` on CUDA only, so CPU runs keep their numbers;
+``true`` works on the CPU too since torch 2.4) and ``compile`` (``torch.compile`` of the network for
+the loss; EMA, checkpoints and the saved model use the plain module). All three change the
+numerics, so they are part of the run key; train.json records what was used.
+
 Checkpoints: every ``checkpoint_every`` steps (and at the last step) the model, EMA, optimizer,
 step, torch RNG states, loss history and the run key (hash of the config, seed, image count,
-image or latent content, labels, process count) are written atomically to
+stored image or latent content, scale factor, labels, process count) are written atomically to
 ``checkpoint_dir/latest.pt``, the one before becoming ``previous.pt`` (``diffprune.checkpoints``).
 A new call resumes from the newest readable one when the key matches, else it starts over and
 logs why; an unreadable one is moved aside. The checkpoints are deleted once the final model is
@@ -32,8 +48,12 @@ non-finite weights is never written.
 Output: the EMA weights in diffusers' pipeline layout (``unet/`` or ``transformer/``,
 ``scheduler/``; a DDPM UNet also gets ``model_index.json`` and loads with
 ``diffusers.DDPMPipeline.from_pretrained``), plus ``train.json`` (status "ok", cfg, seed, n_images,
-steps, wall_seconds, final_loss, device, num_classes, latent, ...),
-written atomically as one folder. ``load_model`` reads it back, and refuses a failed run's folder
+steps, wall_seconds, final_loss, device, num_classes, latent, the switches used, ...), written
+atomically as one folder. Throughput in train.json: ``images_per_second`` (global, of the steps
+this call ran, setup excluded), ``flops_per_image`` (3x a batch-1 forward counted by
+FlopCounterMode, ``diffprune.throughput``) and ``mfu`` against the device's dense bf16 peak, or
+null when no peak is known (the CPU, an unlisted GPU), with ``mfu_note`` saying which or why.
+``load_model`` reads it back, and refuses a failed run's folder
 (``diffprune.status.write_failed_model``).
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
@@ -51,14 +71,15 @@ checkpoint resumes with the same number of processes. Mixed precision (accelerat
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +92,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from dvclive import Live
 from tqdm.auto import tqdm
 
-from diffprune import checkpoints, io, machine
-from diffprune.data import to_model_input
+from diffprune import checkpoints, io, machine, train_data
 from diffprune.device import resolve_device
 from diffprune.diffusion import (
     MODELS,
@@ -86,12 +106,22 @@ from diffprune.diffusion import (
 )
 from diffprune.errors import ConfigError, DataError
 from diffprune.status import OK, SUMMARY, model_failure
+from diffprune.throughput import TRAIN_FLOPS_PER_FORWARD, device_peak, forward_flops, mfu
+from diffprune.train_data import KeptRows, StepPrefetch
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = checkpoints.LATEST
-# Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint.
-RESUME_NEUTRAL = ("checkpoint_every", "log_every")
+# The loop's switches (optional params train.* keys) and their values when absent.
+LOOP_DEFAULTS: dict[str, bool | str] = {
+    "tf32": True,
+    "fused_adamw": "auto",
+    "compile": False,
+    "data_on_device": "auto",
+}
+# Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint
+# (data_on_device: both ways give the same bytes, tested).
+RESUME_NEUTRAL = ("checkpoint_every", "log_every", "data_on_device")
 
 
 def train(
@@ -99,6 +129,7 @@ def train(
     images: np.ndarray | None = None,
     latents: np.ndarray | None = None,
     latent: dict[str, Any] | None = None,
+    rows: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     num_classes: int | None = None,
     cfg: dict,
@@ -111,11 +142,13 @@ def train(
     progress: bool = True,
     keep_checkpoint: bool = False,
 ) -> dict:
-    """Train on `images` (uint8 NHWC) or `latents` (float (N, C, h, w), scaled, with their
-    `latent` record), the KEPT subset only, and write the EMA model to `out_dir`.
+    """Train on the kept `rows` (ids; None: all rows) of `images` (uint8 NHWC) or of `latents`
+    (float (N, C, h, w) as encoded, unscaled, with their `latent` record), and write the EMA
+    model to `out_dir`. Both may be memory maps: only the rows in use are read.
 
-    A conditional DiT (cfg["conditional"]) needs `labels` (int, aligned with the rows) and
-    `num_classes` (of the whole data set, not only of the kept rows); otherwise both are ignored.
+    A conditional DiT (cfg["conditional"]) needs `labels` (int, one per kept row, in the order of
+    `rows`) and `num_classes` (of the whole data set, not only of the kept rows); otherwise both
+    are ignored.
 
     `on_snapshot(step, model, ema)` is called with the (unwrapped, training-mode) model and the EMA
     model (eval mode, updated for that step) after every `snapshot_every`-th step, before that
@@ -124,10 +157,10 @@ def train(
     Returns the train.json summary. Raises `TrainingDiverged` on a non-finite loss or weights.
     """
     start_time = time.perf_counter()
-    cfg = resolve_config(cfg)
-    source, source_name = _source(images, latents, latent)
+    cfg = _loop_config(resolve_config(cfg))
+    data = train_data.kept_rows(images, latents, latent, rows, resolution=cfg["resolution"])
     if cfg["conditional"]:
-        _check_labels(labels, num_classes, len(source))
+        _check_labels(labels, num_classes, len(data))
     else:
         labels, num_classes = None, None
     if snapshot_every is not None and snapshot_every < 1:
@@ -146,33 +179,45 @@ def train(
 
     # One process at a time trains a run: a rerun refuses while an orphaned job still trains.
     main = accelerator.is_main_process
-    with checkpoints.run_lock(checkpoint_dir) if main else nullcontext():
-        # Data: the whole kept subset as model input on the device, once; labels stay on the CPU.
-        if latents is None:
-            data = to_model_input(images, cfg["resolution"]).to(device)
-        else:
-            data = torch.from_numpy(np.array(latents, dtype=np.float32)).to(device)
-        n_images = data.shape[0]
+    lock = checkpoints.run_lock(checkpoint_dir) if main else nullcontext()
+    with lock, _tf32(device, cfg["tf32"]) as tf32:
+        # Data: the kept subset's model input on the device once, or each step's rows from the
+        # host (train.data_on_device); labels stay on the CPU.
+        copies = world if device.type == "cpu" else 1  # CPU processes share the host's memory
+        on_device, free = train_data.on_device(
+            cfg["data_on_device"], data.input_bytes, device, copies=copies
+        )
+        log.info(
+            "data: %d %s, %.1f MiB as model input, %s (data_on_device %s%s)",
+            len(data), data.name, data.input_bytes / 2**20,
+            f"on {device}" if on_device else "gathered on the host every step",
+            cfg["data_on_device"], "" if free is None else f", {free / 2**20:.0f} MiB free",
+        )  # fmt: skip
+        device_data = data.to_device(device) if on_device else None
+        n_images = len(data)
         label_table = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
         takes_labels = MODELS[cfg["model"]].class_labels
         null = num_classes or 0  # the null label's index: the number of classes
 
-        # Model, EMA, optimizer.
-        model = build_model(
-            cfg, in_channels=data.shape[1], sample_size=data.shape[-1], num_classes=null
-        ).to(device)
+        # Model, EMA, optimizer; the model's FLOPs per training image (for MFU).
+        channels, size, _ = data.input_shape
+        model = build_model(cfg, in_channels=channels, sample_size=size, num_classes=null)
+        model.to(device)
+        flops_per_image = _train_flops(model, data.input_shape, device, null, takes_labels)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         scheduler = build_scheduler(cfg)
+        fused = cfg["fused_adamw"] is True or (
+            cfg["fused_adamw"] == "auto" and device.type == "cuda"
+        )
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
+            model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused
         )
 
         # Resume from the latest checkpoint when it belongs to this run.
         key = _run_key(
             cfg,
             seed=seed,
-            data=source,
-            data_name=source_name,
+            data=data,
             labels=labels,
             num_classes=num_classes,
             num_processes=world,
@@ -195,6 +240,8 @@ def train(
             past_seconds, last_good = state["wall_seconds"], state["step"]
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
+        # the loss goes through the compiled module; EMA, checkpoints and the output see `model`
+        forward = torch.compile(model) if cfg["compile"] else model
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "training %s/%s (%d parameters) on %d images for %d steps, global batch %d on %d x %s",
@@ -202,39 +249,42 @@ def train(
             world, device,
         )  # fmt: skip
 
-        # Loop.
-        running, count, loop_start = torch.zeros((), device=device), 0, time.perf_counter()
-        bar = tqdm(
-            range(first_step + 1, cfg["steps"] + 1),
-            initial=first_step,
-            total=cfg["steps"],
-            desc="train",
-            disable=not (progress and main),
+        # Loop. Every process draws the global batch and trains on its own slice of it.
+        step_inputs = functools.partial(
+            _step_inputs,
+            seed=seed,
+            batch_size=cfg["batch_size"],
+            mine=mine,
+            data=data,
+            host=device_data is None,
+            scheduler=scheduler,
+            labels=label_table if takes_labels else None,
+            null=null,
+            dropout=cfg["label_dropout"] if takes_labels else None,
         )
-        with _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live:
-            for step in bar:
-                # every process draws the global batch and trains on its own slice of it
-                generator = _step_generator(seed, step)
-                rows = torch.randint(0, n_images, (cfg["batch_size"],), generator=generator)
-                x0 = data[rows.to(device)]
-                noise, timesteps = draw(x0, scheduler, generator=generator)
-                class_labels = None
-                if takes_labels:
-                    class_labels = _batch_labels(
-                        label_table,
-                        rows,
-                        null=null,
-                        dropout=cfg["label_dropout"],
-                        generator=generator,
-                    ).to(device)[mine]
+        steps = range(first_step + 1, cfg["steps"] + 1)
+        running, count, loop_start = torch.zeros((), device=device), 0, time.perf_counter()
+        with (
+            StepPrefetch(step_inputs, steps, device) as batches,
+            _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live,
+        ):
+            bar = tqdm(
+                batches,
+                initial=first_step,
+                total=cfg["steps"],
+                desc="train",
+                disable=not (progress and main),
+            )
+            for step, batch in bar:
+                x0 = batch["x0"] if device_data is None else device_data[batch["rows"]]
                 loss = per_sample_loss(
-                    model,
+                    forward,
                     scheduler,
-                    x0[mine],
-                    noise=noise[mine],
-                    timesteps=timesteps[mine],
+                    x0,
+                    noise=batch["noise"],
+                    timesteps=batch["timesteps"],
                     objective=cfg["objective"],
-                    class_labels=class_labels,
+                    class_labels=batch["class_labels"],
                 ).mean()
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
@@ -244,6 +294,7 @@ def train(
                 running += loss.detach()
                 count += 1
                 if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                    # a host sync: only at log steps (and checkpoint steps, below)
                     mean_loss = accelerator.reduce(running / count, reduction="mean").item()
                     if not math.isfinite(mean_loss):
                         raise checkpoints.diverged(
@@ -289,27 +340,39 @@ def train(
                         )
                     last_good = step
                     accelerator.wait_for_everyone()
-        loop_seconds = time.perf_counter() - loop_start
+        loop_seconds = time.perf_counter() - loop_start  # the last step synced (log, checkpoint)
 
         # Final EMA weights and summary.
+        images_per_second = len(steps) * cfg["batch_size"] / loop_seconds if steps else None
+        peak, mfu_note = device_peak(device)
         summary = {
             "status": OK,
             "cfg": cfg,
             "seed": seed,
             "n_images": n_images,
-            f"{source_name}_sha256": key[f"{source_name}_sha256"],
+            f"{data.name}_sha256": key[f"{data.name}_sha256"],
             "num_classes": num_classes,
             "labels_sha256": key["labels_sha256"],
             "latent": latent,
             "steps": cfg["steps"],
             "resumed_from_step": first_step,
-            "steps_per_second": (cfg["steps"] - first_step) / loop_seconds
-            if loop_seconds
+            "steps_per_second": len(steps) / loop_seconds if steps else None,
+            "images_per_second": images_per_second,
+            "flops_per_image": flops_per_image,
+            "mfu": mfu(flops_per_image, images_per_second, peak * world)
+            if peak and images_per_second
             else None,
+            "mfu_note": mfu_note,
             "wall_seconds": past_seconds + time.perf_counter() - start_time,
             "final_loss": history[-1][1] if history else None,
             "device": str(device),
             "mixed_precision": accelerator.mixed_precision,
+            "tf32": tf32,
+            "fused_adamw": fused,
+            "compile": cfg["compile"],
+            "data_on_device": on_device,
+            "data_bytes": data.input_bytes,
+            "data_free_bytes": free,
             "num_processes": world,
             "parameters": n_params,
             "machine": machine.describe(),
@@ -364,34 +427,6 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict
     return model.eval(), scheduler, cfg
 
 
-def _source(
-    images: np.ndarray | None, latents: np.ndarray | None, latent: dict[str, Any] | None
-) -> tuple[np.ndarray, str]:
-    """The array the run trains on, checked, and its name ("images" or "latents")."""
-    if (images is None) == (latents is None):
-        raise ValueError("train needs exactly one of images and latents")
-    if (latents is None) != (latent is None):
-        raise ValueError(
-            "latents need their latent record (autoencoder, scale_factor), and only they"
-        )
-    if images is not None:
-        if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
-            raise DataError(
-                f"train needs uint8 images (N,H,W,C) with N >= 1, got {images.dtype}{images.shape}"
-            )
-        return images, "images"
-    n, _, h, w = latents.shape if latents.ndim == 4 else (0, 0, 0, 0)
-    if not np.issubdtype(latents.dtype, np.floating) or n == 0 or h != w:
-        raise DataError(
-            f"train needs float latents (N,C,h,w) with N >= 1 and h = w, got "
-            f"{latents.dtype}{latents.shape}"
-        )
-    missing = {"autoencoder", "scale_factor"} - latent.keys()
-    if missing:
-        raise ValueError(f"the latent record lacks {sorted(missing)}")
-    return latents, "latents"
-
-
 def _check_labels(labels: np.ndarray | None, num_classes: int | None, n: int) -> None:
     if labels is None or num_classes is None:
         raise ConfigError("train.conditional needs the rows' labels and num_classes")
@@ -435,25 +470,102 @@ def _accelerator(cfg: dict) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
+def _loop_config(cfg: dict) -> dict:
+    """`cfg` with the loop's switches filled from LOOP_DEFAULTS, checked (for callers that skip
+    params.yaml's schema)."""
+    cfg = {**LOOP_DEFAULTS, **cfg}
+    for key in LOOP_DEFAULTS:
+        auto = key in ("fused_adamw", "data_on_device")
+        if not (isinstance(cfg[key], bool) or (auto and cfg[key] == "auto")):
+            allowed = "auto, true, false" if auto else "true, false"
+            raise ConfigError(f"train.{key} = {cfg[key]!r} is not allowed; allowed: {allowed}")
+    return cfg
+
+
+@contextmanager
+def _tf32(device: torch.device, wanted: bool) -> Iterator[bool]:
+    """TF32 matrix products and cuDNN convolutions on CUDA as `wanted`, restored on leaving;
+    yields whether they are on (never on other devices, where the switch does nothing)."""
+    if device.type != "cuda":
+        yield False
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = wanted
+    try:
+        yield wanted
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _train_flops(
+    model: torch.nn.Module,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    null: int,
+    takes_labels: bool,
+) -> float:
+    """Model FLOPs of one training image: a batch-1 forward counted by FlopCounterMode, times
+    TRAIN_FLOPS_PER_FORWARD (diffprune.throughput, as benchmarks/gpu_check.py counts)."""
+    labels = torch.full((1,), null, device=device) if takes_labels else None
+    x, t = torch.zeros((1, *shape), device=device), torch.zeros(1, device=device)
+    return TRAIN_FLOPS_PER_FORWARD * forward_flops(model, x, t, class_labels=labels)
+
+
+def _step_inputs(
+    step: int,
+    *,
+    seed: int,
+    batch_size: int,
+    mine: slice,
+    data: KeptRows,
+    host: bool,
+    scheduler,
+    labels: torch.Tensor | None,
+    null: int,
+    dropout: float | None,
+) -> dict[str, torch.Tensor | None]:
+    """One step's draws from the (seed, step) generator, in a fixed order: the global batch's
+    rows (uniform, with replacement), noise and timesteps, and for a DiT (`dropout` not None) the
+    class labels with dropout. Returns this process's slice (`mine`) of them, CPU tensors, with
+    the model input of its rows (`x0`) when `host`, else the rows (positions in `data`)."""
+    generator = _step_generator(seed, step)
+    rows = torch.randint(0, len(data), (batch_size,), generator=generator)
+    # draw() reads only the batch's shape, device and dtype: a stand-in with no storage
+    batch = torch.empty(()).expand(batch_size, *data.input_shape)
+    noise, timesteps = draw(batch, scheduler, generator=generator)
+    class_labels = None
+    if dropout is not None:
+        dropped = _batch_labels(labels, rows, null=null, dropout=dropout, generator=generator)
+        class_labels = dropped[mine]
+    inputs = {"noise": noise[mine], "timesteps": timesteps[mine], "class_labels": class_labels}
+    if host:
+        inputs["x0"] = data.model_input(rows[mine].numpy())
+    else:
+        inputs["rows"] = rows[mine]
+    return inputs
+
+
 def _run_key(
     cfg: dict,
     *,
     seed: int,
-    data: np.ndarray,
-    data_name: str,
+    data: KeptRows,
     labels: np.ndarray | None,
     num_classes: int | None,
     num_processes: int,
 ) -> dict:
-    """What a checkpoint must match to be resumed. `data_name` names the hash: images_sha256 or
-    latents_sha256; labels_sha256 and num_classes are None for an unconditional model."""
+    """What a checkpoint must match to be resumed: the config (all but RESUME_NEUTRAL, so tf32,
+    fused_adamw and compile count: they change the numerics), seed, the kept rows as stored
+    (images_sha256 or latents_sha256) and the latents' scale factor (None for images), labels
+    and num_classes (None for an unconditional model), and the number of processes."""
     relevant = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL}
     cfg_text = json.dumps(relevant, sort_keys=True)
     return {
         "cfg_sha256": hashlib.sha256(cfg_text.encode()).hexdigest(),
         "seed": seed,
         "n_images": len(data),
-        f"{data_name}_sha256": _sha256(data),
+        f"{data.name}_sha256": data.sha256(),
+        "scale_factor": data.scale,
         "labels_sha256": None if labels is None else _sha256(np.asarray(labels, dtype=np.int64)),
         "num_classes": num_classes,
         "num_processes": num_processes,
@@ -461,6 +573,7 @@ def _run_key(
 
 
 def _sha256(array: np.ndarray) -> str:
+    """sha256 of an array's shape and C-contiguous bytes (as KeptRows.sha256 of all its rows)."""
     digest = hashlib.sha256(f"{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()

@@ -1,6 +1,8 @@
+import functools
 import logging
 import os
 import signal
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -8,10 +10,12 @@ import pytest
 import torch
 import yaml
 from diffusers import DDPMPipeline
+from torch.utils.flop_counter import FlopCounterMode
 
-from diffprune import io
+from diffprune import io, train_data
+from diffprune import train as train_module
 from diffprune.config import load_params, validate_params
-from diffprune.data import load_store
+from diffprune.data import load_store, to_model_input
 from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
 from diffprune.launch import accelerate_command, is_main
@@ -20,6 +24,7 @@ from diffprune.train import (
     CHECKPOINT,
     _batch_labels,
     _ema_decay,
+    _sha256,
     _update_ema,
     load_model,
     save_model,
@@ -285,6 +290,12 @@ def test_bad_images_and_missing_model_raise(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="snapshot_every must be >= 1"):
         run(tmp_path, "x", snapshot_every=0)
+    with pytest.raises(
+        DataError, match=r"kept rows as >= 1 integer ids in \[0, 12\), got int64\(0,\)"
+    ):
+        run(tmp_path, "x", rows=np.arange(0))
+    with pytest.raises(DataError, match=r"integer ids in \[0, 12\)"):
+        run(tmp_path, "x", rows=np.array([0, 12]))
 
 
 def test_huge_learning_rate_raises_and_writes_no_model(tmp_path):
@@ -553,3 +564,193 @@ def test_batch_size_must_split_evenly_over_the_processes():
     params["train"]["num_processes"] = 3
     with pytest.raises(ConfigError, match=r"must be divisible by train.num_processes \(3\)"):
         validate_params(params)
+
+
+# ------------------------------------------------------------- throughput, GPU switches, data
+def weight_bytes(model_dir):
+    return [p.read_bytes() for p in sorted(model_dir.rglob("*.safetensors"))]
+
+
+def test_train_json_records_throughput_and_flops_of_the_network(tmp_path, tiny_unet):
+    cfg = tiny(steps=4)
+    summary = run(tmp_path, "a", cfg=cfg)
+    record = io.load_json(tmp_path / "a" / "model" / "train.json")
+    assert record == {**summary, "cfg": record["cfg"]}
+    assert record["images_per_second"] == pytest.approx(
+        record["steps_per_second"] * cfg["batch_size"]
+    )
+    # FLOPs of the tiny UNet counted here on a batch of 4: the run's batch-1 count, times 3
+    model, x = tiny_unet(cfg), torch.randn(4, 1, 8, 8)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, torch.tensor([1, 10, 100, 999]))
+    assert record["flops_per_image"] == pytest.approx(3 * counter.get_total_flops() / 4, rel=0.03)
+    assert record["mfu"] is None and record["mfu_note"] == "no known bf16 peak for cpu"
+    assert record["tf32"] is False and record["fused_adamw"] is False  # CPU: auto is unfused
+    assert record["compile"] is False and record["data_on_device"] is True
+    assert record["data_bytes"] == 12 * 8 * 8 * 4 and record["data_free_bytes"] > 0
+
+
+def test_mfu_is_achieved_flops_over_the_devices_peak(tmp_path, monkeypatch):
+    """A device with a known peak (faked here: 2 GFLOP/s) gets its MFU by the hand formula."""
+    monkeypatch.setattr(train_module, "device_peak", lambda device: (2e9, "fake peak"))
+    summary = run(tmp_path, "a", cfg=tiny(steps=2))
+    expected = summary["flops_per_image"] * summary["images_per_second"] / 2e9
+    assert summary["mfu"] == pytest.approx(expected) and summary["mfu_note"] == "fake peak"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("fused_adamw", "yes", "auto, true, false"),
+        ("data_on_device", 1, "auto, true, false"),
+        ("tf32", "auto", "true, false"),
+        ("compile", None, "true, false"),
+    ],
+)
+def test_bad_loop_switches_raise_naming_key_value_and_allowed(tmp_path, key, value, allowed):
+    with pytest.raises(ConfigError, match=f"train.{key} = {value!r} is not allowed; allowed: "):
+        run(tmp_path, "x", cfg=tiny(**{key: value}))
+    with pytest.raises(ConfigError, match=allowed):
+        run(tmp_path, "x", cfg=tiny(**{key: value}))
+
+
+def test_fused_adamw_trains_on_the_cpu(tmp_path):
+    """torch 2.14 has a fused AdamW for the CPU, so `true` is honoured there (auto: CUDA only)."""
+    fused = run(tmp_path, "fused", cfg=tiny(fused_adamw=True, steps=3))
+    plain = run(tmp_path, "plain", cfg=tiny(fused_adamw=False, steps=3))
+    assert fused["fused_adamw"] is True and plain["fused_adamw"] is False
+    assert fused["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-3)
+
+
+def test_compiled_network_trains_and_the_plain_one_is_saved(tmp_path, monkeypatch):
+    """torch.compile with the aot_eager backend (dynamo's graph capture and AOTAutograd, without
+    inductor's minute of C++ compilation on this CPU): the same training, a plain model saved."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real(model, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run(tmp_path, "compiled", cfg=tiny(compile=True, steps=3))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    plain = run(tmp_path, "plain", cfg=tiny(steps=3))
+    assert compiled["compile"] is True and plain["compile"] is False
+    model = load_model(tmp_path / "compiled" / "model")[0]
+    assert type(model).__name__ == "UNet2DModel"
+    reference = state_of(tmp_path / "plain" / "model")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_data_on_the_host_trains_to_the_bytes_of_data_on_the_device(tmp_path, space):
+    """The kept rows (every other one) as model input on the device once, or gathered and
+    converted on the host step by step: the same weights, byte for byte. Pixel images are
+    resized (12 -> 8 px) on the way, latents scaled by their factor."""
+    if space == "pixel":
+        data = {"images": images(size=12), "rows": np.arange(0, 12, 2)}
+        go = functools.partial(run, tmp_path)
+    else:
+        data = {"latents": latents(), "rows": np.arange(1, 12, 2), "labels": labels()[1::2]}
+        go = functools.partial(run_dit, tmp_path)
+    base = TINY if space == "pixel" else DIT
+    host = go("host", cfg={**base, "data_on_device": False}, **data)
+    device = go("device", cfg={**base, "data_on_device": True}, **data)
+    assert (host["data_on_device"], device["data_on_device"]) == (False, True)
+    assert host["data_free_bytes"] is None and host["n_images"] == 6
+    assert weight_bytes(tmp_path / "host" / "model") == weight_bytes(tmp_path / "device" / "model")
+    assert host["final_loss"] == device["final_loss"]
+
+
+def test_latents_are_scaled_by_their_factor(tmp_path):
+    """Unscaled latents with scale factor s train as pre-scaled latents with factor 1 would."""
+    scaled = run_dit(tmp_path, "a", latents=latents() * 0.5, latent={**LATENT, "scale_factor": 1})
+    unscaled = run_dit(tmp_path, "b", latents=latents(), latent={**LATENT, "scale_factor": 0.5})
+    assert weight_bytes(tmp_path / "a" / "model") == weight_bytes(tmp_path / "b" / "model")
+    assert scaled["final_loss"] == unscaled["final_loss"]
+
+
+def test_a_checkpoint_resumes_with_the_data_elsewhere(tmp_path):
+    """data_on_device does not change the numbers, so it does not invalidate a checkpoint."""
+    clean = run(tmp_path, "clean", cfg=tiny(data_on_device=True))
+    with pytest.raises(Crash):
+        run(tmp_path, "x", cfg=tiny(data_on_device=True), snapshot_every=1, on_snapshot=crash_at(4))
+    resumed = run(tmp_path, "x", cfg=tiny(data_on_device=False))
+    assert resumed["resumed_from_step"] == 3 and resumed["data_on_device"] is False
+    assert resumed["final_loss"] == clean["final_loss"]
+    assert weight_bytes(tmp_path / "x" / "model") == weight_bytes(tmp_path / "clean" / "model")
+
+
+def test_auto_puts_the_data_on_the_device_when_it_takes_a_quarter_of_the_free_memory(
+    tmp_path, monkeypatch
+):
+    data_bytes = 12 * 8 * 8 * 4
+    monkeypatch.setattr(train_data, "free_bytes", lambda device: 4 * data_bytes)
+    fits = run(tmp_path, "fits", cfg=tiny(steps=2))
+    monkeypatch.setattr(train_data, "free_bytes", lambda device: 4 * data_bytes - 1)
+    spills = run(tmp_path, "spills", cfg=tiny(steps=2))
+    assert (fits["data_on_device"], spills["data_on_device"]) == (True, False)
+    assert (fits["data_bytes"], spills["data_free_bytes"]) == (data_bytes, 4 * data_bytes - 1)
+    assert train_data.on_device(True, 10**18, torch.device("cpu")) == (True, None)
+    assert train_data.on_device("auto", 10, torch.device("cpu"), copies=2)[0]
+
+
+def test_the_default_study_keeps_its_data_on_the_device():
+    """Fashion-MNIST, 10,000 kept images at 16 px: 10 MB of model input, which auto puts on the
+    device (the study's numbers were made that way), on any machine with 40 MB free."""
+    params = load_params(REPO / "params.yaml", check_cuda=False)
+    assert params["train"]["data_on_device"] == "auto"
+    n, size = params["data"]["train_size"], params["train"]["resolution"]
+    data_bytes = n * size * size * 4
+    assert data_bytes == 10_240_000
+    assert train_data.on_device("auto", data_bytes, torch.device("cpu"))[0]
+
+
+def test_data_on_the_host_reads_a_memory_map_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Training from a memory-mapped store (as the train script does) with data_on_device false
+    never holds more than a chunk of it: the hash reads CHUNK_BYTES (1 MiB here) at a time, each
+    step 8 rows; numpy's allocations peak far below the 12 MB of stored images."""
+    n, size = 4000, 32
+    path = tmp_path / "images.npy"
+    stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    stored[:] = np.random.default_rng(0).integers(0, 256, stored.shape, dtype=np.uint8)
+    stored.flush()
+    del stored
+    kept = np.arange(1, n, 2)
+    monkeypatch.setattr(train_data, "CHUNK_BYTES", 2**20)
+    cfg = tiny(steps=3, data_on_device=False)
+    tracemalloc.start()
+    try:
+        summary = run(tmp_path, "a", images=np.load(path, mmap_mode="r"), rows=kept, cfg=cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    array_bytes = n * size * size * 3
+    assert summary["data_on_device"] is False and summary["n_images"] == n // 2
+    assert peak < array_bytes / 4, f"peak {peak} bytes for a {array_bytes}-byte store"
+    assert summary["images_sha256"] == _sha256(np.load(path)[kept])
+
+
+def test_kept_rows_hash_chunk_by_chunk_as_the_whole_subset(monkeypatch):
+    source = images(n=50)
+    rows = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 35])
+    monkeypatch.setattr(train_data, "CHUNK_BYTES", 3 * 8 * 8)  # three rows a chunk
+    kept = train_data.KeptRows(source, rows, resolution=8)
+    assert [(part.start, part.stop) for part in kept.chunks()] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert kept.sha256() == _sha256(source[rows])
+    assert torch.equal(kept.to_device(torch.device("cpu")), to_model_input(source[rows], 8))
+
+
+def test_step_prefetch_makes_every_step_once_in_order_and_passes_errors_on():
+    made = []
+
+    def make(step):
+        made.append(step)
+        if step == 7:
+            raise Crash("step 7")
+        return {"x": torch.full((2,), step), "none": None}
+
+    with train_data.StepPrefetch(make, range(3, 6), torch.device("cpu")) as steps:
+        got = [(step, inputs["x"].tolist(), inputs["none"]) for step, inputs in steps]
+    assert got == [(3, [3, 3], None), (4, [4, 4], None), (5, [5, 5], None)] and made == [3, 4, 5]
+    with pytest.raises(Crash), train_data.StepPrefetch(make, range(6, 9), torch.device("cpu")) as s:
+        list(s)

@@ -1,8 +1,10 @@
 """Snakemake script for rule `train`: train a diffusion model on the kept subset.
 
-A class-conditional model (train.conditional) gets the kept rows' labels and the store's number
-of classes. In latent space (train.space: latent) it trains on the kept rows' cached latents,
-scaled by the autoencoder's measured factor, and records how to decode them.
+Training gets the memory-mapped store (or cached latents) and the kept rows' ids, never a copy
+of the kept subset: it reads the rows it needs (diffprune.train_data; train.data_on_device). A
+class-conditional model (train.conditional) gets the kept rows' labels and the store's number of
+classes. In latent space (train.space: latent) it trains on the kept rows' cached latents, which
+it scales by the autoencoder's measured factor, and records how to decode them.
 
 A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
 goes on and the report shows the failure; the last good checkpoint stays for a look. The job
@@ -17,7 +19,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from diffprune.autoencoder import autoencoder_info, load_latents
@@ -41,12 +42,12 @@ manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
 conditional = cfg.get("conditional", False)
 if cfg.get("space", "pixel") == "pixel":
-    data = {"images": np.asarray(store.images[kept])}
+    data = {"images": store.images}
 else:
     latents, meta = load_latents(snakemake.input.latents, snakemake.input.latents_meta)
     info = autoencoder_info(meta["autoencoder"])
     data = {
-        "latents": np.asarray(latents[kept], dtype=np.float32) * meta["scale_factor"],
+        "latents": latents,
         "latent": {
             "autoencoder": meta["autoencoder"],
             "scale_factor": meta["scale_factor"],
@@ -56,6 +57,7 @@ else:
 try:
     train(
         **data,
+        rows=kept,
         labels=store.index["label"].to_numpy()[kept] if conditional else None,
         num_classes=len(store.meta["class_names"] or []) if conditional else None,
         cfg=cfg,
