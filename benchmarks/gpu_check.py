@@ -12,6 +12,9 @@ size on the CPU in well under a minute, which is how it is tested without a GPU.
   Two peaks are reported: the H200 datasheet's dense BF16 989 TFLOP/s
   (diffprune.throughput.H200_BF16_DENSE_PEAK) and the 790 TFLOP/s that bf16 matrix products
   reached on the lent machine (../shared/gpu.md).
+- train_run: diffprune's own training, `diffprune.train.train` (what the train rule runs), on
+  random latents with the same network, batch and switches, for `run_steps` steps: the
+  throughput and MFU its train.json records, as a ratio to the bare loop above.
 - sample: the same network in bf16 inference, Euler steps; images/s and MFU of the forwards.
 - embed: EfficientNet-Lite0 (channels_last, fp32, as the embed stage) at 64 and 224 px.
 - kmeans: diffprune.cluster.kmeans on the GPU when the installed faiss has GPU support; otherwise
@@ -56,7 +59,7 @@ PEAKS = {"datasheet_989": H200_BF16_DENSE_PEAK, "measured_790": H200_BF16_MEASUR
 FULL = {
     "dit": {"model": "dit", "dit_size": "XL/2"},
     "latent": (4, 32),  # channels, size: 256 px through an f8 autoencoder
-    "train_batch": 64, "train_warmup": 5, "train_steps": 20,
+    "train_batch": 64, "train_warmup": 5, "train_steps": 20, "run_steps": 60, "run_images": 4096,
     "sample_batch": 256, "sample_steps": 10,
     "embed_sizes": (64, 224), "embed_images": 4096, "embed_batch": 512,
     "kmeans": (200_000, 512, 1000, 20),  # n, dim, k, iterations
@@ -67,7 +70,7 @@ DRY = {
         "dit": {"depth": 2, "width": 64, "heads": 2, "patch": 2},
     },
     "latent": (4, 8),
-    "train_batch": 4, "train_warmup": 1, "train_steps": 2,
+    "train_batch": 4, "train_warmup": 1, "train_steps": 2, "run_steps": 3, "run_images": 16,
     "sample_batch": 4, "sample_steps": 2,
     "embed_sizes": (32,), "embed_images": 16, "embed_batch": 8,
     "kmeans": (2_000, 32, 10, 5),
@@ -153,6 +156,60 @@ def bench_train(cfg: dict, device: torch.device, compile_model: bool) -> dict[st
         "final_loss": float(loss),
         "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda" else None,
+    }  # fmt: skip
+
+
+def bench_train_run(
+    cfg: dict, device: torch.device, compile_model: bool, loop: dict[str, Any]
+) -> dict[str, Any]:
+    """diffprune's own training (`diffprune.train.train`, what the train rule runs) on random
+    latents, with the switches the loop above uses; its train.json throughput against `loop`'s.
+
+    Its images/s count every step of the run (the first ones too, and with `--compile` the
+    compilation) but not setup or the checkpoint it writes at the last step."""
+    import tempfile
+
+    from diffprune.train import train
+
+    channels, size = cfg["latent"]
+    latents = np.random.default_rng(0).standard_normal(
+        (cfg["run_images"], channels, size, size), dtype=np.float32
+    )
+    run_cfg = {
+        **train_cfg(cfg["dit"], size), "steps": cfg["run_steps"], "batch_size": cfg["train_batch"],
+        "checkpoint_every": cfg["run_steps"], "log_every": cfg["run_steps"],
+        "device": device.type, "mixed_precision": "auto", "tf32": True, "fused_adamw": "auto",
+        "compile": compile_model, "data_on_device": "auto",
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = train(
+            latents=latents,
+            latent={"autoencoder": "none (random latents of the GPU check)", "scale_factor": 1.0},
+            cfg=run_cfg,
+            seed=0,
+            out_dir=Path(tmp) / "model",
+            checkpoint_dir=Path(tmp) / "checkpoints",
+            progress=False,
+        )
+    images_per_s = summary["images_per_second"]
+    return {
+        "setup": {
+            "steps": cfg["run_steps"], "batch": cfg["train_batch"], "images": cfg["run_images"],
+            **{k: summary[k] for k in (
+                "mixed_precision", "tf32", "fused_adamw", "compile", "data_on_device"
+            )},
+        },
+        "images_per_s": images_per_s,
+        "checkpoint_seconds": summary["checkpoint_seconds"],
+        "flops_per_image": summary["flops_per_image"],
+        "mfu_train_json": summary["mfu"],
+        "mfu_note": summary["mfu_note"],
+        "mfu": {
+            name: mfu(summary["flops_per_image"], images_per_s, peak)
+            for name, peak in PEAKS.items()
+        },
+        "ratio_to_loop": images_per_s / loop["images_per_s"],
+        "final_loss": summary["final_loss"],
     }  # fmt: skip
 
 
@@ -243,6 +300,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     env, train, sample = report["environment"], report["train"], report["sample"]
+    run = report["train_run"]
     lines = [
         f"# GPU check ({env['device']}, torch {env['torch']}, CUDA {env['cuda']})",
         "",
@@ -253,6 +311,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"{train['setup']['precision']}, compile {train['setup']['compile']} | "
         f"{train['images_per_s']:.1f} | {train['mfu']['datasheet_989']:.1%} | "
         f"{train['mfu']['measured_790']:.1%} |",
+        f"| train, diffprune.train (train.json) | {run['setup']['steps']} steps, batch "
+        f"{run['setup']['batch']}, {run['setup']['mixed_precision']}, tf32 "
+        f"{run['setup']['tf32']}, fused AdamW {run['setup']['fused_adamw']}, data on device "
+        f"{run['setup']['data_on_device']}; {run['ratio_to_loop']:.2f}x the loop above | "
+        f"{run['images_per_s']:.1f} | {run['mfu']['datasheet_989']:.1%} | "
+        f"{run['mfu']['measured_790']:.1%} |",
         f"| sample | batch {sample['setup']['batch']}, {sample['setup']['euler_steps']} Euler "
         f"steps | {sample['images_per_s']:.1f} | {sample['mfu']['datasheet_989']:.1%} | "
         f"{sample['mfu']['measured_790']:.1%} |",
@@ -289,6 +353,7 @@ def main() -> None:
     report: dict[str, Any] = {"environment": environment(device), "dry_run": args.dry_run}
     for name, section in (
         ("train", lambda: bench_train(cfg, device, args.compile)),
+        ("train_run", lambda: bench_train_run(cfg, device, args.compile, report["train"])),
         ("sample", lambda: bench_sample(cfg, device, report["train"]["forward_flops_per_image"])),
         ("embed", lambda: bench_embed(cfg, device)),
         ("kmeans", lambda: bench_kmeans(cfg, device)),

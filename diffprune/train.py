@@ -50,11 +50,11 @@ Output: the EMA weights in diffusers' pipeline layout (``unet/`` or ``transforme
 ``diffusers.DDPMPipeline.from_pretrained``), plus ``train.json`` (status "ok", cfg, seed, n_images,
 steps, wall_seconds, final_loss, device, num_classes, latent, the switches used, ...), written
 atomically as one folder. Throughput in train.json: ``images_per_second`` (global, of the steps
-this call ran, setup excluded), ``flops_per_image`` (3x a batch-1 forward counted by
-FlopCounterMode, ``diffprune.throughput``) and ``mfu`` against the device's dense bf16 peak, or
-null when no peak is known (the CPU, an unlisted GPU), with ``mfu_note`` saying which or why.
-``load_model`` reads it back, and refuses a failed run's folder
-(``diffprune.status.write_failed_model``).
+this call ran; setup and checkpoint writes, ``checkpoint_seconds``, excluded),
+``flops_per_image`` (3x a batch-1 forward counted by FlopCounterMode, ``diffprune.throughput``)
+and ``mfu`` against the device's dense bf16 peak, or null when no peak is known (the CPU, an
+unlisted GPU), with ``mfu_note`` saying which or why. ``load_model`` reads it back, and refuses a
+failed run's folder (``diffprune.status.write_failed_model``).
 
 Multi-GPU: model and optimizer go through ``accelerate.Accelerator.prepare``, so a script that
 calls ``train()`` runs data-parallel when started with
@@ -89,7 +89,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from dvclive import Live
 from tqdm.auto import tqdm
 
 from diffprune import checkpoints, io, machine, train_data
@@ -264,6 +263,7 @@ def train(
         )
         steps = range(first_step + 1, cfg["steps"] + 1)
         running, count, loop_start = torch.zeros((), device=device), 0, time.perf_counter()
+        saving_seconds = 0.0  # writing checkpoints: not training, left out of the throughput
         with (
             StepPrefetch(step_inputs, steps, device) as batches,
             _live(log_dir, history) if (log_dir is not None and main) else nullcontext() as live,
@@ -326,6 +326,7 @@ def train(
                             last_good=last_good,
                             checkpoint=checkpoint,
                         )
+                    saving_from = time.perf_counter()  # all_finite synced the device
                     if main:
                         _save_checkpoint(
                             checkpoint_dir,
@@ -340,10 +341,12 @@ def train(
                         )
                     last_good = step
                     accelerator.wait_for_everyone()
+                    saving_seconds += time.perf_counter() - saving_from
         loop_seconds = time.perf_counter() - loop_start  # the last step synced (log, checkpoint)
 
         # Final EMA weights and summary.
-        images_per_second = len(steps) * cfg["batch_size"] / loop_seconds if steps else None
+        step_seconds = loop_seconds - saving_seconds
+        images_per_second = len(steps) * cfg["batch_size"] / step_seconds if steps else None
         peak, mfu_note = device_peak(device)
         summary = {
             "status": OK,
@@ -356,7 +359,8 @@ def train(
             "latent": latent,
             "steps": cfg["steps"],
             "resumed_from_step": first_step,
-            "steps_per_second": len(steps) / loop_seconds if steps else None,
+            "steps_per_second": len(steps) / step_seconds if steps else None,
+            "checkpoint_seconds": saving_seconds,
             "images_per_second": images_per_second,
             "flops_per_image": flops_per_image,
             "mfu": mfu(flops_per_image, images_per_second, peak * world)
@@ -641,15 +645,18 @@ def _save_checkpoint(
     checkpoints.save(directory, state)
 
 
-def _live(log_dir: str | os.PathLike, history: list[tuple[int, float]]) -> Live:
-    """A fresh dvclive folder, with the loss history of a resumed run replayed into it."""
+def _live(log_dir: str | os.PathLike, history: list[tuple[int, float]]) -> Any:
+    """A fresh dvclive folder, with the loss history of a resumed run replayed into it. (dvclive
+    is imported here: a run without a log folder, such as the GPU check's, does not need it.)"""
+    from dvclive import Live
+
     live = Live(dir=str(log_dir), save_dvc_exp=False, dvcyaml=None)
     for step, loss in history:
         _log_loss(live, step, loss)
     return live
 
 
-def _log_loss(live: Live, step: int, loss: float) -> None:
+def _log_loss(live: Any, step: int, loss: float) -> None:
     live.step = step
     live.log_metric("loss", loss)
     live.make_summary()

@@ -579,6 +579,7 @@ def test_train_json_records_throughput_and_flops_of_the_network(tmp_path, tiny_u
     assert record["images_per_second"] == pytest.approx(
         record["steps_per_second"] * cfg["batch_size"]
     )
+    assert 0 < record["checkpoint_seconds"] < record["wall_seconds"]  # the last step writes one
     # FLOPs of the tiny UNet counted here on a batch of 4: the run's batch-1 count, times 3
     model, x = tiny_unet(cfg), torch.randn(4, 1, 8, 8)
     counter = FlopCounterMode(display=False)
