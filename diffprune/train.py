@@ -600,8 +600,14 @@ def _ema_decay(cfg: dict, step: int) -> float:
 
 @torch.no_grad()
 def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, *, decay: float) -> None:
-    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
-        ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
+    """ema = decay * ema + (1 - decay) * model, in two multi-tensor kernels (as torch.optim's
+    foreach paths): a per-parameter loop would launch two GPU kernels per tensor every step."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    if len(ema_params) != len(params):
+        raise ValueError(f"EMA has {len(ema_params)} parameter tensors, the model {len(params)}")
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
 def _rng_state() -> dict:
