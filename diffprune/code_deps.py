@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def _parsed_imports(path: Path, root: Path, mtime_ns: int) -> frozenset[Path]:
     """Parsed once per file version: Snakemake asks for every rule's modules at each parse."""
     del mtime_ns  # part of the cache key only
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _statements(ast.parse(path.read_text(), filename=str(path)).body):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -56,6 +57,17 @@ def _parsed_imports(path: Path, root: Path, mtime_ns: int) -> frozenset[Path]:
                     # AST cannot follow: importing it counts as importing all of its modules
                     found.update(module.parent.glob("*.py"))
     return frozenset(found)
+
+
+def _statements(nodes: list[ast.AST]) -> Iterator[ast.stmt]:
+    """Every statement in `nodes`, nested ones included (function, class, if, try, with, match
+    bodies): imports are statements, so expressions, nine in ten nodes, are never walked."""
+    for node in nodes:
+        if isinstance(node, ast.stmt):
+            yield node
+        # an except handler or a match case is not a statement, but holds a body of them
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, field, []))
 
 
 def library_modules(script: str | Path, root: str | Path = ".") -> list[str]:

@@ -16,12 +16,14 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from diffprune import __version__
+
+if TYPE_CHECKING:  # pandas costs a quarter second to import; the Snakefile plans through here
+    import pandas as pd
 
 
 @contextlib.contextmanager
