@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffprune import classifier
+from diffprune.data import at_resolution
 from diffprune.device import resolve_device
 from diffprune.embed import embedder_info, load_embedder
 from diffprune.errors import DataError
@@ -94,15 +95,23 @@ def extract(
     images_uint8_nhwc: np.ndarray,
     *,
     batch_size: int = 256,
+    resolution: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Features of all images in order, float64 (N, D); works on memory-mapped stores."""
+    """Features of all images in order, float64 (N, D). Reads `batch_size` images at a time, so
+    a memory-mapped store is never held whole; with `resolution`, each batch is first resized
+    exactly as training sees it (`diffprune.data.at_resolution`)."""
     _check_batch(images_uint8_nhwc)
     if len(images_uint8_nhwc) == 0:
         raise DataError("no images to extract features from")
     name = getattr(extractor, "name", "features")
+
+    def batch(start: int) -> np.ndarray:
+        rows = np.asarray(images_uint8_nhwc[start : start + batch_size])
+        return rows if resolution is None else at_resolution(rows, resolution)
+
     chunks = [
-        np.asarray(extractor(np.asarray(images_uint8_nhwc[start : start + batch_size])))
+        np.asarray(extractor(batch(start)))
         for start in tqdm(
             range(0, len(images_uint8_nhwc), batch_size), desc=name, disable=not progress
         )

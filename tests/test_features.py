@@ -5,6 +5,7 @@ from cleanfid.resize import build_resizer
 from torch import nn
 
 from diffprune import classifier
+from diffprune.data import at_resolution
 from diffprune.embed import load_embedder
 from diffprune.errors import DataError
 from diffprune.features import (
@@ -101,3 +102,15 @@ def test_extract_refuses_bad_images():
         extract(extractor, images(2, seed=4).astype(np.float32), progress=False)
     with pytest.raises(DataError, match="no images"):
         extract(extractor, images(0, seed=4), progress=False)
+
+
+def test_extract_at_a_resolution_resizes_batch_by_batch_as_the_whole_array_would(tmp_path):
+    """The reference rule reads the memory-mapped store a batch at a time: the same features as
+    resizing the whole store first (what it did before), without holding it."""
+    path = tmp_path / "images.npy"
+    np.save(path, images(10, seed=5))
+    store = np.load(path, mmap_mode="r")
+    extractor = load_feature_extractor("efficientnet-lite0", image_size=32, device="cpu")
+    whole = extract(extractor, at_resolution(store, 14), batch_size=4, progress=False)
+    batched = extract(extractor, store, batch_size=4, resolution=14, progress=False)
+    np.testing.assert_array_equal(batched, whole)

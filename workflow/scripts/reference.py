@@ -4,7 +4,7 @@ Besides mean, covariance and features it stores the split's neighbour statistics
 (`metrics.reference_neighbours`), so that no evaluation job recomputes them.
 """
 
-from diffprune.data import at_resolution, load_store
+from diffprune.data import load_store
 from diffprune.features import extract, load_feature_extractor
 from diffprune.logs import setup
 from diffprune.metrics import reference_neighbours, reference_stats, save_reference
@@ -20,6 +20,6 @@ extractor = load_feature_extractor(
     inception_weights=cfg["inception_weights"],
     device=cfg["device"],
 )
-images = at_resolution(store.images, resolution)
-features = extract(extractor, images, batch_size=cfg["batch_size"])
+# batch by batch from the memory-mapped store, each resized as training sees it
+features = extract(extractor, store.images, batch_size=cfg["batch_size"], resolution=resolution)
 save_reference(snakemake.output[0], reference_stats(features) | reference_neighbours(features))
