@@ -87,7 +87,8 @@ def train_classifier(
     device: str = "auto",
     progress: bool = True,
 ) -> SmallCNN:
-    """Train a SmallCNN with Adam on uint8 NHWC images; returns it in eval mode on `device`."""
+    """Train a SmallCNN with Adam on uint8 NHWC images (a memory map is fine: each batch's rows
+    are read when it is used); returns it in eval mode on `device`."""
     images = _check_images(train_images)
     labels = np.asarray(train_labels)
     if labels.shape != (len(images),):
@@ -106,22 +107,22 @@ def train_classifier(
     model = SmallCNN(channels=images.shape[-1], num_classes=num_classes, resolution=resolution)
     model.to(torch_device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # The loader shuffles row ids only; each batch's images are read from `images` (a memory map
+    # is fine), so the training set is never held whole.
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(
-            torch.from_numpy(np.ascontiguousarray(images)),
-            torch.from_numpy(labels.astype(np.int64)),
-        ),
+        torch.arange(len(images)),
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
+    targets = torch.from_numpy(labels.astype(np.int64))
     model.train()
     bar = tqdm(total=epochs * len(loader), desc="classifier", disable=not progress)
     for epoch in range(epochs):
         total_loss, correct, seen = 0.0, 0, 0
-        for batch, target in loader:
-            x = to_model_input(batch.numpy(), resolution).to(torch_device)
-            target = target.to(torch_device)
+        for rows in loader:
+            x = to_model_input(images[rows.numpy()], resolution).to(torch_device)
+            target = targets[rows].to(torch_device)
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, target)
             optimizer.zero_grad(set_to_none=True)

@@ -120,3 +120,16 @@ def test_bad_inputs_are_refused(trained):
         predict(trained, images.astype(np.float32))
     with pytest.raises(DataError, match="does not exist"):
         load_classifier("/nonexistent/model.pt")
+
+
+def test_training_from_a_memory_map_reads_batches_and_learns_the_same_weights(tmp_path):
+    """The classifier rule passes the memory-mapped store: each batch's rows are read when used,
+    and the weights are those of training on the same images in memory."""
+    images, labels = bars(96, seed=3)
+    np.save(tmp_path / "images.npy", images)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    common = dict(num_classes=3, resolution=16, epochs=2, batch_size=32, device="cpu")
+    in_memory = train_classifier(images, labels, progress=False, **common)
+    from_map = train_classifier(mapped, labels, progress=False, **common)
+    for a, b in zip(in_memory.state_dict().values(), from_map.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

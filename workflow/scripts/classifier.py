@@ -1,7 +1,5 @@
 """Snakemake script for rule `classifier`: train the evaluation classifier on real images."""
 
-import numpy as np
-
 from diffprune import io, machine
 from diffprune.classifier import classifier_accuracy, save_classifier, train_classifier
 from diffprune.data import load_store
@@ -21,7 +19,7 @@ if (labels < 0).any():
 num_classes = int(labels.max()) + 1
 with stopwatch() as timing:
     model = train_classifier(
-        np.asarray(train_store.images),
+        train_store.images,
         labels,
         num_classes=num_classes,
         resolution=resolution,
@@ -33,7 +31,7 @@ with stopwatch() as timing:
     )
 accuracy = classifier_accuracy(
     model,
-    np.asarray(test_store.images),
+    test_store.images,
     test_store.index["label"].to_numpy(),
     resolution=resolution,
 )
