@@ -1,7 +1,5 @@
 """Snakemake script for rule `surrogate`: train the score methods' surrogate models."""
 
-import numpy as np
-
 from diffprune.data import load_store
 from diffprune.logs import setup
 from diffprune.surrogate import train_moso_surrogates, train_surrogate
@@ -9,7 +7,7 @@ from diffprune.surrogate import train_moso_surrogates, train_surrogate
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg = snakemake.params.scores
 store = load_store(snakemake.input[0].rsplit("/", 1)[0])
-images = np.asarray(store.images)
+images = store.images  # memory-mapped: training and loss records read the rows they use
 common = {
     "seed": cfg["seed"],
     "out_dir": snakemake.output[0],
