@@ -530,7 +530,9 @@ def test_dvc_repro_during_a_snakemake_run_refuses_and_destroys_nothing(tmp_path)
         assert "cannot be locked" in refused.stdout + refused.stderr
         assert engine.poll() is None and live.is_dir() and ckpt.exists()  # nothing deleted
     finally:
-        engine.terminate()
+        # SIGTERM would make Snakemake wait for the training to finish; killed, its job's
+        # watchdog (diffprune.logs.stop_when_orphaned, tested above) stops the training
+        engine.kill()
         engine.wait(timeout=60)
 
 
