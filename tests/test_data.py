@@ -342,8 +342,9 @@ def test_load_imagefolder_classes_crop_and_bad_files(folder, caplog):
     assert classes == ["cats", "dogs"]
     np.testing.assert_array_equal(labels, [0, 0, 1, 1])
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
-    assert [b[0] for b in bad] == ["dogs/broken.png"] and bad[0][1]
-    assert "dogs/broken.png" in caplog.text
+    assert [b[0] for b in bad] == ["dogs/broken.png", "dogs/notes.txt"] and bad[0][1]
+    assert "not an image" in bad[1][1] and ".png" in bad[1][1]
+    assert "dogs/broken.png" in caplog.text and "dogs/notes.txt" in caplog.text
     assert (images[1] == [0, 255, 0]).all()  # centre crop of red|green|blue is all green
     assert (images[3] == 77).all()  # gray repeated to RGB
     assert (images[2] == [200, 100, 0]).all()
@@ -362,6 +363,25 @@ def test_load_imagefolder_gray_and_without_classes(folder):
         image_folder.load_imagefolder(folder / "empty", image_size=4)
     with pytest.raises(DataError, match="does not exist"):
         image_folder.load_imagefolder(folder / "missing", image_size=4)
+
+
+def test_load_imagefolder_reads_16_bit_gray_gif_and_says_why_it_has_no_labels(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    wide = np.full((6, 6), 0x8080, np.uint16)  # mid-gray in 16 bits: 128 in 8
+    Image.fromarray(wide).save(tmp_path / "a" / "deep.png")
+    Image.fromarray(wide.astype(np.int32)).save(tmp_path / "a" / "deep.tif")
+    Image.new("P", (6, 6), 3).save(tmp_path / "a" / "anim.gif")
+    Image.new("RGB", (6, 6)).save(tmp_path / "loose.png")
+    images, labels, sources, classes, bad = image_folder.load_imagefolder(
+        tmp_path, image_size=6, channels=1, progress=False
+    )
+    assert sources == ["a/anim.gif", "a/deep.png", "a/deep.tif", "loose.png"] and not bad
+    assert (images[1] == 128).all() and (images[2] == 128).all()
+    assert classes is None and (labels == -1).all() and "loose.png" in caplog.text
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "x.heic").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no images .* other files there: x\.heic"):
+        image_folder.load_imagefolder(tmp_path / "only", image_size=4)
 
 
 def test_build_store_imagefolder_holdout_is_disjoint(tmp_path):

@@ -13,18 +13,28 @@ from diffprune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 TEST_FOLDERS = ("test", "val", "validation")
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of the image files under root (recursive, sorted, no hidden ones)."""
+    return _visible_files(root, images=True)
+
+
+def list_other_files(root: str | os.PathLike) -> list[str]:
+    """The files under root that are neither hidden nor images: skipped, but reported."""
+    return _visible_files(root, images=False)
+
+
+def _visible_files(root: str | os.PathLike, *, images: bool) -> list[str]:
     root = Path(root)
     files = []
     for p in root.rglob("*"):
         rel = p.relative_to(root)
         hidden = any(part.startswith(".") for part in rel.parts)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not hidden and p.is_file():
+        is_image = p.suffix.lower() in IMAGE_EXTENSIONS
+        if is_image == images and not hidden and p.is_file():
             files.append(rel.as_posix())
     return sorted(files)
 
@@ -57,7 +67,8 @@ def load_imagefolder(
 
     When every image lives in an immediate subfolder of root, those subfolders are the classes
     (sorted names, labels 0..K-1); otherwise labels are -1 and class names None. Unreadable files
-    are skipped, logged and returned in `bad` as (relative path, reason). With `scratch`, the
+    are skipped, logged and returned in `bad` as (relative path, reason), and so are the files
+    that are not images (by extension; hidden files are ignored). With `scratch`, the
     images are decoded into a resumable memory-mapped file there (`decode.decode_all`).
     """
     check_channels(channels)
@@ -66,13 +77,21 @@ def load_imagefolder(
         raise DataError(f"image folder {root} does not exist or is not a directory")
     files = list_images(root)
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        others = list_other_files(root)
+        seen = f"; other files there: {', '.join(others[:5])}" if others else ""
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}{seen}")
     class_names = None
     labels = np.full(len(files), -1, dtype=np.int64)
     if all("/" in f for f in files):
         class_names = sorted({f.split("/", 1)[0] for f in files})
         lookup = {name: i for i, name in enumerate(class_names)}
         labels = np.array([lookup[f.split("/", 1)[0]] for f in files], dtype=np.int64)
+    elif any("/" in f for f in files):
+        loose = [f for f in files if "/" not in f]
+        log.warning(
+            "%d images lie directly under %s (%s), not in a class folder: no labels are used",
+            len(loose), root, ", ".join(loose[:5]) + (", ..." if len(loose) > 5 else ""),
+        )  # fmt: skip
     images, kept, bad = decode_all(
         ((f, root / f) for f in files),
         total=len(files),
@@ -89,4 +108,13 @@ def load_imagefolder(
         log.warning(
             "%d of %d files under %s were unreadable and skipped", len(bad), len(files), root
         )
+    others = list_other_files(root)
+    if others:
+        log.warning(
+            "%d files under %s are not images (%s) and were skipped: %s",
+            len(others), root, ", ".join(IMAGE_EXTENSIONS), ", ".join(others[:5])
+            + (", ..." if len(others) > 5 else ""),
+        )  # fmt: skip
+    reason = f"not an image: the extension is none of {', '.join(IMAGE_EXTENSIONS)}"
+    bad = sorted(bad + [(f, reason) for f in others])
     return images, labels[kept], [files[i] for i in kept], class_names, bad
