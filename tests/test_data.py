@@ -303,6 +303,12 @@ def test_build_store_rejects_bad_arguments(tmp_path):
         build.build_store(tmp_path, source="imagefolder", split="train", path=tmp_path, channels=2)
     with pytest.raises(ConfigError, match="size"):
         build.subset_indices(10, size=11, seed=0)
+    Image.new("RGB", (4, 4)).save(tmp_path / "only.png")
+    with pytest.raises(ConfigError, match=r"data\.train_size = 5, but 1 images .* null for all"):
+        build.build_store(
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path, size=5,
+            test_path=tmp_path, image_size=4, progress=False,
+        )  # fmt: skip
     with pytest.raises(DataError, match="missing"):
         load_store(tmp_path / "nothing")
 

@@ -69,12 +69,17 @@ def holdout_mask(n: int, *, test_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def subset_indices(n: int, *, size: int | None, seed: int) -> np.ndarray:
-    """Sorted seeded random subset of `size` items of range(n); all of them when size is None."""
+def subset_indices(n: int, *, size: int | None, seed: int, key: str = "size") -> np.ndarray:
+    """Sorted seeded random subset of `size` items of range(n); all of them when size is None.
+
+    `key` names the param that set `size`, for the error.
+    """
     if size is None:
         return np.arange(n)
     if not 0 < size <= n:
-        raise ConfigError(f"size {size!r} is not in 1..{n} (the number of images available)")
+        raise ConfigError(
+            f"{key} = {size!r}, but {n} images are available; allowed: 1..{n}, or null for all"
+        )
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
@@ -177,7 +182,7 @@ def build_store(
     if holdout:
         in_test = holdout_mask(len(images), test_fraction=test_fraction, seed=seed)
         order = np.flatnonzero(in_test if split == "test" else ~in_test)
-    order = order[subset_indices(len(order), size=size, seed=seed)]
+    order = order[subset_indices(len(order), size=size, seed=seed, key=f"data.{split}_size")]
     # folder and hub images are already decoded at image_size; Fashion-MNIST may need a resize
     out_channels = channels or images.shape[-1]
     shape = (len(order), image_size, image_size, out_channels)
