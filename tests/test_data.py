@@ -303,6 +303,10 @@ def test_build_store_rejects_bad_arguments(tmp_path):
         build.build_store(tmp_path, source="imagefolder", split="train", path=tmp_path, channels=2)
     with pytest.raises(ConfigError, match="size"):
         build.subset_indices(10, size=11, seed=0)
+    with pytest.raises(ConfigError, match=r"test_fraction = 0.1 of the 1 .*\(data\.test_path"):
+        build.holdout_mask(1, test_fraction=0.1, seed=0)
+    with pytest.raises(ConfigError, match=r"data\.test_fraction = 1.0; allowed: 0 <"):
+        build.holdout_mask(5, test_fraction=1.0, seed=0)
     Image.new("RGB", (4, 4)).save(tmp_path / "only.png")
     with pytest.raises(ConfigError, match=r"data\.train_size = 5, but 1 images .* null for all"):
         build.build_store(

@@ -60,10 +60,15 @@ def _resize_store_images(images: np.ndarray, image_size: int) -> np.ndarray:
 def holdout_mask(n: int, *, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the test part of a seeded holdout over n items (the same for both splits)."""
     if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        raise ConfigError(f"data.test_fraction = {test_fraction!r}; allowed: 0 < test_fraction < 1")
     n_test = round(n * test_fraction)
     if n_test == 0 or n_test == n:
-        raise ConfigError(f"test_fraction {test_fraction} of {n} images leaves an empty split")
+        raise ConfigError(
+            f"data.test_fraction = {test_fraction} of the {n} readable images puts {n_test} in the "
+            f"test split and {n - n_test} in train; allowed: a fraction that leaves both splits "
+            "at least one image, or held-out images of your own (data.test_path, or train/ and "
+            "test/ folders)"
+        )
     mask = np.zeros(n, dtype=bool)
     mask[np.random.default_rng([seed, 1]).permutation(n)[:n_test]] = True
     return mask
