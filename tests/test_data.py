@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffprune import metrics
 from diffprune.data import build, fashion_mnist, huggingface, image_folder, tensors
 from diffprune.data.store import load_store
 from diffprune.errors import ConfigError, DataError
@@ -414,6 +415,12 @@ def test_build_store_imagefolder_holdout_is_disjoint(tmp_path):
     # red channel encodes the file number: images follow their sources
     numbers = tr.index["source"].str[:2].astype(int).to_numpy()
     np.testing.assert_array_equal(tr.images[:, 0, 0, 0], numbers * 10)
+
+    with pytest.raises(ConfigError, match=r"test split has 3 image\(s\), from data\.test_fr"):
+        build.build_store(
+            tmp_path / "one", split="test", **kwargs | {"test_fraction": 0.15}, min_images=4
+        )
+    assert build.MIN_SPLIT_IMAGES == metrics.PR_K + 1
 
     small = build.build_store(tmp_path / "s", split="train", size=6, **kwargs, progress=False)
     subset = load_store(tmp_path / "s").index["source"]

@@ -29,6 +29,9 @@ from diffprune.io import provenance
 
 SPLITS = ("train", "test")
 SOURCES = ("fashion-mnist", "imagefolder", "huggingface")
+# the workflow's reference statistics of a split (metrics.reference_neighbours) need k + 1 rows
+# for precision/recall's k = metrics.PR_K nearest neighbours (tests/test_data.py checks both agree)
+MIN_SPLIT_IMAGES = 4
 
 
 def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -108,6 +111,7 @@ def build_store(
     cache_dir="data/raw",
     progress: bool = True,
     batch_size: int = 1024,
+    min_images: int = 1,
 ) -> dict:
     """Write out_dir/{images.npy,index.parquet,store.json} for one split; returns the metadata.
 
@@ -119,7 +123,8 @@ def build_store(
 
     Memory stays O(batch_size) images: folder and hub images are decoded into a memory-mapped
     scratch file in out_dir (resumed after a crash, removed at the end), and the store's
-    images.npy is written from it `batch_size` images at a time.
+    images.npy is written from it `batch_size` images at a time. Fewer than `min_images` images
+    in the split is a ConfigError (the workflow's references need MIN_SPLIT_IMAGES).
     """
     if source not in SOURCES:
         raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
@@ -188,6 +193,14 @@ def build_store(
         in_test = holdout_mask(len(images), test_fraction=test_fraction, seed=seed)
         order = np.flatnonzero(in_test if split == "test" else ~in_test)
     order = order[subset_indices(len(order), size=size, seed=seed, key=f"data.{split}_size")]
+    if len(order) < min_images:
+        where = "data.test_fraction" if holdout else f"data.{split}_size or the images there"
+        raise ConfigError(
+            f"the {split} split has {len(order)} image(s), from {where}; its reference statistics "
+            f"(FD, precision/recall) need at least {min_images}: allowed: a larger "
+            f"data.{split}_size or data.test_fraction, or more images (held-out ones: "
+            "data.test_path, or train/ and test/ folders)"
+        )
     # folder and hub images are already decoded at image_size; Fashion-MNIST may need a resize
     out_channels = channels or images.shape[-1]
     shape = (len(order), image_size, image_size, out_channels)
