@@ -184,6 +184,7 @@ def _select_inputs(args: argparse.Namespace, method: str):
                 seed=args.seed,
                 device=args.device,
                 init=args.init,
+                key="--k",
             )
             clusters = clusters_frame(clustering)
     if args.scores is not None:

@@ -159,7 +159,7 @@ CLUSTER = ["--method", "cluster-nearest", "--k", "3"]
         ([*EMB, *CLUSTER, "--ratio", "nan"], "ratio must be in [0, 1)"),
         ([*EMB, *CLUSTER, "--ratio", "half"], "argument --ratio: invalid float value: 'half'"),
         ([*EMB, "--method", "random", "--k", "500", "--ratio", "0.5"], None),  # k unused: fine
-        ([*EMB, "--method", "cluster-mid", "--k", "500", "--ratio", "0.5"], "k=500 is larger"),
+        ([*EMB, "--method", "cluster-mid", "--k", "500", "--ratio", "0.5"], "--k = 500 is larger"),
         ([*EMB, "--method", "cluster-mid", "--k", "0", "--ratio", "0.5"], "k must be at least 1"),
         ([*EMB, "--method", "furthest", "--ratio", "0.5"], "unknown selection method 'furthest'"),
         ([*EMB, "--method", "cluster-mid", "--ratio", "0.5"], "pass --k"),
