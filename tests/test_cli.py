@@ -176,6 +176,8 @@ CLUSTER = ["--method", "cluster-nearest", "--k", "3"]
         ([*EMB, *CLUSTER, "--ratio", "0.5", "--init", "pp"], "argument --init: invalid choice"),
         ([*EMB, "--method", "random", "--ratio", "0.5", "--seed", "-3"], "seed must be a non-neg"),
         ([*EMB, *CLUSTER, "--ratio", "0.5", "--iterations", "0"], "at least 1, got 0"),
+        ([*EMB, "--method", "random", "--ratio", "0.995"], "keeps none of the 120 samples"),
+        ([*EMB, "--method", "cluster-mid", "--k", "120", "--ratio", "0.5"], "fewer clusters"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(user_files, capsys, args, message):
