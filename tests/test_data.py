@@ -454,6 +454,16 @@ def test_build_store_imagefolder_with_split_folders(tmp_path):
     assert list(store.index["source"]) == ["val/k/0.png", "val/k/1.png"]
 
 
+def test_a_test_folder_without_a_train_folder_is_refused_not_trained_on(tmp_path):
+    for sub in ("cats", "val/cats"):
+        (tmp_path / sub).mkdir(parents=True)
+        Image.new("RGB", (6, 6)).save(tmp_path / sub / "0.png")
+    with pytest.raises(ConfigError, match=r"has a val/ folder but no train/ .* class 'val'"):
+        build.build_store(
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path, progress=False
+        )
+
+
 # ------------------------------------------------------------------------------ Hugging Face
 class _FakeClassLabel:
     names = ("cat", "dog")

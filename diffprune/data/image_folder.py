@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from diffprune.data.decode import LoadedImages, check_channels, decode_all
-from diffprune.errors import DataError
+from diffprune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Pa
 
     With a separate test_path, train reads all of `path` and test all of test_path. With both
     `train/` and a `test/` (or `val/`, `validation/`) folder under path, each split reads its own.
-    Otherwise the train folder (or the root) is split into disjoint train and test parts.
+    Otherwise the train folder (or the root) is split into disjoint train and test parts. A test
+    folder without a train folder beside it is an error: the root's images would include it as
+    one more class, and the held-out images would be trained on.
     """
     if test_path is not None:
         return (path if split == "train" else test_path), False
@@ -52,6 +54,13 @@ def imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Pa
     test = next((path / t for t in TEST_FOLDERS if (path / t).is_dir()), None)
     if train.is_dir() and test is not None:
         return (train if split == "train" else test), False
+    if test is not None:
+        raise ConfigError(
+            f"data.path = {str(path)!r} has a {test.name}/ folder but no train/ folder beside it: "
+            f"its images would be trained on as a class {test.name!r}; allowed: the training "
+            f"images in {path / 'train'}, or data.test_path = {str(test)!r} with the training "
+            "images in a folder of their own"
+        )
     return (train if train.is_dir() else path), True
 
 
