@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import sys
 import tracemalloc
@@ -20,7 +21,14 @@ import torch
 from PIL import Image
 
 from diffprune import metrics
-from diffprune.data import build, fashion_mnist, huggingface, image_folder, tensors
+from diffprune.data import (
+    build,
+    fashion_mnist,
+    fingerprint,
+    huggingface,
+    image_folder,
+    tensors,
+)
 from diffprune.data.store import load_store
 from diffprune.errors import ConfigError, DataError
 from diffprune.io import load_json
@@ -452,6 +460,25 @@ def test_build_store_imagefolder_with_split_folders(tmp_path):
     store = load_store(tmp_path / "out")
     assert not meta["holdout"] and meta["class_names"] == ["k"]
     assert list(store.index["source"]) == ["val/k/0.png", "val/k/1.png"]
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_as_bad_not_a_crash(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (6, 6), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    Image.new("RGB", (6, 6)).save(os.fsencode(tmp_path) + b"/caf\xe9.png")  # Latin-1 name
+    meta = build.build_store(
+        tmp_path / "out", source="imagefolder", split="train", path=tmp_path, test_path=tmp_path,
+        image_size=6, progress=False,
+    )  # fmt: skip
+    assert meta["num_samples"] == 4 and load_store(tmp_path / "out").images.shape[0] == 4
+    assert [b["path"] for b in meta["bad_images"]] == ["caf\\xe9.png"]
+    assert "not valid UTF-8" in meta["bad_images"][0]["reason"]
+    assert (
+        fingerprint.source_fingerprint(
+            {"source": "imagefolder", "path": tmp_path, "test_path": None}, "train"
+        )["files"]
+        == 5
+    )
 
 
 def test_a_test_folder_without_a_train_folder_is_refused_not_trained_on(tmp_path):

@@ -24,7 +24,10 @@ def folder_fingerprint(root: Path, files: list[str]) -> dict[str, Any]:
     for name in files:
         stat = (root / name).stat()
         total += stat.st_size
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # surrogateescape: a name that is not UTF-8 keeps its own bytes
+        digest.update(
+            f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+        )
     return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
 
 

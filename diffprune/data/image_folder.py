@@ -39,6 +39,11 @@ def _visible_files(root: str | os.PathLike, *, images: bool) -> list[str]:
     return sorted(files)
 
 
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Path, bool]:
     """The folder to read for `split`, and whether a seeded holdout must separate train and test.
 
@@ -86,9 +91,15 @@ def load_imagefolder(
         raise DataError(f"image folder {root} does not exist or is not a directory")
     files = list_images(root)
     if not files:
-        others = list_other_files(root)
+        others = [printable(f) for f in list_other_files(root)]
         seen = f"; other files there: {', '.join(others[:5])}" if others else ""
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}{seen}")
+    misnamed = [f for f in files if printable(f) != f]
+    if misnamed:
+        files = [f for f in files if printable(f) == f]
+        log.warning("%d image names under %s are not valid UTF-8: skipped", len(misnamed), root)
+        if not files:
+            raise DataError(f"no image under {root} has a valid UTF-8 name: rename them")
     class_names = None
     labels = np.full(len(files), -1, dtype=np.int64)
     if all("/" in f for f in files):
@@ -117,7 +128,7 @@ def load_imagefolder(
         log.warning(
             "%d of %d files under %s were unreadable and skipped", len(bad), len(files), root
         )
-    others = list_other_files(root)
+    others = [printable(f) for f in list_other_files(root)]
     if others:
         log.warning(
             "%d files under %s are not images (%s) and were skipped: %s",
@@ -125,5 +136,6 @@ def load_imagefolder(
             + (", ..." if len(others) > 5 else ""),
         )  # fmt: skip
     reason = f"not an image: the extension is none of {', '.join(IMAGE_EXTENSIONS)}"
-    bad = sorted(bad + [(f, reason) for f in others])
+    renamed = "the file name is not valid UTF-8 (the index stores names as text): rename it"
+    bad = sorted(bad + [(f, reason) for f in others] + [(printable(f), renamed) for f in misnamed])
     return images, labels[kept], [files[i] for i in kept], class_names, bad
