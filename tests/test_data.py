@@ -481,6 +481,18 @@ def test_a_file_name_that_is_not_utf8_is_listed_as_bad_not_a_crash(tmp_path):
     )
 
 
+def test_linked_folders_are_read_once_and_hidden_ones_not_at_all(tmp_path, caplog):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data" / "cats" / ".cache").mkdir(parents=True)
+    Image.new("RGB", (6, 6)).save(tmp_path / "elsewhere" / "d.png")
+    Image.new("RGB", (6, 6)).save(tmp_path / "data" / "cats" / "c.png")
+    Image.new("RGB", (6, 6)).save(tmp_path / "data" / "cats" / ".cache" / "h.png")
+    (tmp_path / "data" / "dogs").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "cats" / "loop").symlink_to(tmp_path / "data")
+    assert image_folder.list_images(tmp_path / "data") == ["cats/c.png", "dogs/d.png"]
+    assert "already read" in caplog.text
+
+
 def test_a_test_folder_without_a_train_folder_is_refused_not_trained_on(tmp_path):
     for sub in ("cats", "val/cats"):
         (tmp_path / sub).mkdir(parents=True)

@@ -28,14 +28,23 @@ def list_other_files(root: str | os.PathLike) -> list[str]:
 
 
 def _visible_files(root: str | os.PathLike, *, images: bool) -> list[str]:
+    """Image files (or the other files) under root, following linked folders, each folder once."""
     root = Path(root)
-    files = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        hidden = any(part.startswith(".") for part in rel.parts)
-        is_image = p.suffix.lower() in IMAGE_EXTENSIONS
-        if is_image == images and not hidden and p.is_file():
-            files.append(rel.as_posix())
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            log.warning("%s is a link to a folder already read (%s): read once", folder, real)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(folder).relative_to(root)
+        for name in names:
+            path = Path(folder, name)
+            is_image = path.suffix.lower() in IMAGE_EXTENSIONS
+            if is_image == images and not name.startswith(".") and path.is_file():
+                files.append((rel / name).as_posix())
     return sorted(files)
 
 
