@@ -270,3 +270,14 @@ def test_fashion_mnist_sizes_agree_with_the_files():
 def test_num_samples_minimum_is_what_precision_recall_needs():
     schema = yaml.safe_load(config.SCHEMA.read_text())
     assert schema["properties"]["sample"]["properties"]["num_samples"]["minimum"] == PR_K + 1
+
+
+def test_a_changed_feature_space_lists_the_allowed_metrics_once():
+    changed = with_changes({"evaluate.features": ["efficientnet-lite0"]})
+    with pytest.raises(ConfigError) as info:
+        validate_params(changed)
+    lines = str(info.value).splitlines()
+    bad = [m for m in changed["report"]["metrics"] if not m.endswith("_efficientnet_lite0")]
+    assert len(lines) == 2 + len(bad)  # report.metric, the bad metrics, claims.novelty_metric
+    assert sum("fd_efficientnet_lite0, kid_efficientnet_lite0" in line for line in lines) == 1
+    assert all("allowed: " in line for line in lines)
