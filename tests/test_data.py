@@ -316,11 +316,18 @@ def test_build_store_rejects_bad_arguments(tmp_path):
         build.holdout_mask(1, test_fraction=0.1, seed=0)
     with pytest.raises(ConfigError, match=r"data\.test_fraction = 1.0; allowed: 0 <"):
         build.holdout_mask(5, test_fraction=1.0, seed=0)
-    Image.new("RGB", (4, 4)).save(tmp_path / "only.png")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "held").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "one" / "only.png")
     with pytest.raises(ConfigError, match=r"data\.train_size = 5, but 1 images .* null for all"):
         build.build_store(
-            tmp_path / "out", source="imagefolder", split="train", path=tmp_path, size=5,
-            test_path=tmp_path, image_size=4, progress=False,
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path / "one", size=5,
+            test_path=tmp_path / "held", image_size=4, progress=False,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"overlaps data\.path = .* two folders apart"):
+        build.build_store(
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path,
+            test_path=tmp_path / "one", image_size=4, progress=False,
         )  # fmt: skip
     with pytest.raises(DataError, match="missing"):
         load_store(tmp_path / "nothing")
@@ -463,19 +470,22 @@ def test_build_store_imagefolder_with_split_folders(tmp_path):
 
 
 def test_a_file_name_that_is_not_utf8_is_listed_as_bad_not_a_crash(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "held").mkdir()
     for i in range(4):
-        Image.new("RGB", (6, 6), (i, 0, 0)).save(tmp_path / f"{i}.png")
-    Image.new("RGB", (6, 6)).save(os.fsencode(tmp_path) + b"/caf\xe9.png")  # Latin-1 name
+        Image.new("RGB", (6, 6), (i, 0, 0)).save(images / f"{i}.png")
+    Image.new("RGB", (6, 6)).save(os.fsencode(images) + b"/caf\xe9.png")  # Latin-1 name
     meta = build.build_store(
-        tmp_path / "out", source="imagefolder", split="train", path=tmp_path, test_path=tmp_path,
-        image_size=6, progress=False,
+        tmp_path / "out", source="imagefolder", split="train", path=images,
+        test_path=tmp_path / "held", image_size=6, progress=False,
     )  # fmt: skip
     assert meta["num_samples"] == 4 and load_store(tmp_path / "out").images.shape[0] == 4
     assert [b["path"] for b in meta["bad_images"]] == ["caf\\xe9.png"]
     assert "not valid UTF-8" in meta["bad_images"][0]["reason"]
     assert (
         fingerprint.source_fingerprint(
-            {"source": "imagefolder", "path": tmp_path, "test_path": None}, "train"
+            {"source": "imagefolder", "path": images, "test_path": None}, "train"
         )["files"]
         == 5
     )

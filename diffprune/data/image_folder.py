@@ -63,6 +63,14 @@ def imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Pa
     one more class, and the held-out images would be trained on.
     """
     if test_path is not None:
+        train_dir, test_dir = path.resolve(), test_path.resolve()
+        if train_dir.is_relative_to(test_dir) or test_dir.is_relative_to(train_dir):
+            raise ConfigError(
+                f"data.test_path = {str(test_path)!r} overlaps data.path = {str(path)!r}: one "
+                "folder holds the other, so held-out images would be trained on (or training "
+                "images held out); allowed: two folders apart, or data.test_path: null for "
+                "train/ and test/ folders under data.path"
+            )
         return (path if split == "train" else test_path), False
     train = path / "train"
     test = next((path / t for t in TEST_FOLDERS if (path / t).is_dir()), None)
