@@ -469,6 +469,27 @@ def test_build_store_imagefolder_with_split_folders(tmp_path):
     assert list(store.index["source"]) == ["val/k/0.png", "val/k/1.png"]
 
 
+def test_held_out_labels_are_the_training_folders_classes(tmp_path):
+    for sub in ("train/a", "train/b", "train/c", "test/b", "test/c", "odd/z"):
+        (tmp_path / sub).mkdir(parents=True)
+        Image.new("RGB", (6, 6)).save(tmp_path / sub / "0.png")
+    kwargs = dict(source="imagefolder", split="test", image_size=6, progress=False)
+    meta = build.build_store(tmp_path / "out", path=tmp_path, **kwargs)
+    store = load_store(tmp_path / "out")
+    assert meta["class_names"] == ["a", "b", "c"]
+    assert dict(zip(store.index["source"], store.index["label"], strict=True)) == {
+        "test/b/0.png": 1, "test/c/0.png": 2,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"classes the training images lack: z; allowed: a, b"):
+        build.build_store(
+            tmp_path / "o2", path=tmp_path / "train", test_path=tmp_path / "odd", **kwargs
+        )
+    meta = build.build_store(
+        tmp_path / "o3", path=tmp_path / "train" / "a", test_path=tmp_path / "odd", **kwargs
+    )  # training images without class folders: the held-out folders are no labels either
+    assert meta["class_names"] is None and (load_store(tmp_path / "o3").index["label"] == -1).all()
+
+
 def test_a_file_name_that_is_not_utf8_is_listed_as_bad_not_a_crash(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -22,7 +22,13 @@ from diffprune.data.fashion_mnist import (
 )
 from diffprune.data.fingerprint import source_fingerprint
 from diffprune.data.huggingface import load_huggingface, resolve_revision
-from diffprune.data.image_folder import imagefolder_root, load_imagefolder
+from diffprune.data.image_folder import (
+    align_classes,
+    folder_classes,
+    imagefolder_root,
+    list_images,
+    load_imagefolder,
+)
 from diffprune.data.store import write_store
 from diffprune.errors import ConfigError
 from diffprune.io import provenance
@@ -166,6 +172,10 @@ def build_store(
             progress=progress,
             scratch=_scratch_dir(out_dir, recipe),
         )
+        if split == "test" and not holdout and class_names is not None:
+            train_folder = imagefolder_root(Path(path), "train", test_folder)[0]
+            train_classes = folder_classes(list_images(train_folder))
+            labels, class_names = align_classes(labels, class_names, train_classes, folder)
         # name files relative to data.path, so train/x.png and test/x.png stay distinct
         sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
         if sub != ".":

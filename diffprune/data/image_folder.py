@@ -86,6 +86,32 @@ def imagefolder_root(path: Path, split: str, test_path: Path | None) -> tuple[Pa
     return (train if train.is_dir() else path), True
 
 
+def folder_classes(files: list[str]) -> list[str] | None:
+    """The class names of a folder's image files: their first folders, when every file has one."""
+    if not files or not all("/" in f for f in files):
+        return None
+    return sorted({f.split("/", 1)[0] for f in files})
+
+
+def align_classes(
+    labels: np.ndarray, classes: list[str], train_classes: list[str] | None, root: Path
+) -> tuple[np.ndarray, list[str] | None]:
+    """A held-out folder's labels renumbered to the training folder's classes (label i is the
+    same class in both splits, even when the held-out folder lacks some classes). Without
+    training classes the held-out folders are no classes either: labels -1."""
+    if train_classes is None:
+        log.warning("the training images have no class folders: %s's folders are no labels", root)
+        return np.full(len(labels), -1, dtype=np.int64), None
+    extra = sorted(set(classes) - set(train_classes))
+    if extra:
+        raise ConfigError(
+            f"the held-out images under {root} have classes the training images lack: "
+            f"{', '.join(extra)}; allowed: {', '.join(train_classes)}"
+        )
+    lookup = np.array([train_classes.index(name) for name in classes], dtype=np.int64)
+    return lookup[labels], list(train_classes)
+
+
 def load_imagefolder(
     root,
     *,
@@ -117,10 +143,9 @@ def load_imagefolder(
         log.warning("%d image names under %s are not valid UTF-8: skipped", len(misnamed), root)
         if not files:
             raise DataError(f"no image under {root} has a valid UTF-8 name: rename them")
-    class_names = None
+    class_names = folder_classes(files)
     labels = np.full(len(files), -1, dtype=np.int64)
-    if all("/" in f for f in files):
-        class_names = sorted({f.split("/", 1)[0] for f in files})
+    if class_names is not None:
         lookup = {name: i for i, name in enumerate(class_names)}
         labels = np.array([lookup[f.split("/", 1)[0]] for f in files], dtype=np.int64)
     elif any("/" in f for f in files):
