@@ -44,8 +44,8 @@ _KEEPS_HELP = "\n".join(
 SELECT_EPILOG = f"""\
 The pruning ratio p (--ratio) is the fraction of samples REMOVED, 0 <= p < 1; 1-p is kept.
 Counts are floors: cluster rules keep floor(n_c(1-p)) of each cluster's n_c samples, the
-others floor(N(1-p)) of all N samples. Ties are broken by sample_id (cluster rules) or
-in a seeded random order (score rules).
+others floor(N(1-p)) of all N samples; a selection that keeps no sample at all is an error.
+Ties are broken by sample_id (cluster rules) or in a seeded random order (score rules).
 
 What each --method KEEPS (<score> is one of {", ".join(SCORES)}):
 {_KEEPS_HELP}
@@ -184,6 +184,7 @@ def _select_inputs(args: argparse.Namespace, method: str):
                 seed=args.seed,
                 device=args.device,
                 init=args.init,
+                key="--k",
             )
             clusters = clusters_frame(clustering)
     if args.scores is not None:

@@ -89,14 +89,19 @@ def validate_embeddings(embeddings: np.ndarray) -> np.ndarray:
     return x
 
 
-def validate_k(k: int, n: int) -> int:
-    """k must be an integer in [1, n]: k-means cannot make more non-empty clusters than samples."""
+def validate_k(k: int, n: int, *, key: str = "k") -> int:
+    """k must be an integer in [1, n]: k-means cannot make more non-empty clusters than samples.
+
+    `key` names where k came from (a param, a flag) in the error.
+    """
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise ConfigError(f"k must be an integer number of clusters, got {k!r}")
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if k > n:
-        raise ConfigError(f"k={k} is larger than the number of samples ({n}); use k <= {n}")
+        raise ConfigError(
+            f"{key} = {k} is larger than the number of samples ({n}); allowed: 1..{n}"
+        )
     return int(k)
 
 
@@ -109,15 +114,18 @@ def kmeans(
     device: str = "auto",
     init: str = "k-means++",
     backend: str = "auto",
+    key: str = "k",
 ) -> Clustering:
     """Cluster (N, D) embeddings into k clusters (see the module docstring for the two paths).
+
+    `key` names k's source in the error when k is out of range (e.g. cluster.k).
 
     Seeded. The float64 path gives the same bytes on any CPU; the faiss path (GPU when `device`
     resolves to CUDA and faiss has GPU support, the `gpu` extra) the same on the same hardware.
     """
     x = validate_embeddings(embeddings)
     n, dim = x.shape
-    k = validate_k(k, n)
+    k = validate_k(k, n, key=key)
     if iterations < 1:
         raise ConfigError(f"k-means iterations must be at least 1, got {iterations}")
     if not 0 <= seed < 2**31:

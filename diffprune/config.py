@@ -388,16 +388,21 @@ def _report_problems(params: dict[str, Any]) -> list[str]:
     wanted = [("report.metric", report["metric"], names)]
     wanted += [(f"report.metrics.{i}", name, names) for i, name in enumerate(report["metrics"])]
     wanted.append(("report.claims.novelty_metric", report["claims"]["novelty_metric"], novelty))
-    return [_unknown_metric(*entry) for entry in wanted if entry[1] not in entry[2]]
+    problems, listed = [], set()
+    for key, name, allowed in wanted:
+        if name not in allowed:
+            problems.append(_unknown_metric(key, name, allowed, again=tuple(allowed) in listed))
+            listed.add(tuple(allowed))
+    return problems
 
 
-def _unknown_metric(key: str, name: str, allowed: list[str]) -> str:
+def _unknown_metric(key: str, name: str, allowed: list[str], *, again: bool = False) -> str:
+    """One line per unknown metric; `again`: the same allowed list was spelled out above (after
+    a change of evaluate.features every report key can fail at once)."""
     close = difflib.get_close_matches(name, allowed, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return (
-        f"{key} = {name!r} is not a metric of evaluate.features{hint}; "
-        f"allowed: {', '.join(allowed)}"
-    )
+    names = "the same as above" if again else ", ".join(allowed)
+    return f"{key} = {name!r} is not a metric of evaluate.features{hint}; allowed: {names}"
 
 
 def _evaluate_problems(params: dict[str, Any]) -> list[str]:

@@ -30,7 +30,7 @@ import yaml
 
 from diffprune import paths
 from diffprune.code_deps import script_path
-from diffprune.errors import ConfigError
+from diffprune.errors import ConfigError, DiffpruneError
 
 RUN_ENV = "DIFFPRUNE_DVC"
 # Config keys that decide which jobs exist (the runs of the grid, the skew arms, the feature
@@ -141,6 +141,7 @@ def workflow_jobs(root: str | Path = ".") -> tuple[list[Job], dict[str, Any]]:
     Parsing the Snakefile validates params.yaml: a bad value stops here, before any shell.
     Uses Snakemake's DAG objects (pinned by tests/test_dvc_agreement.py)."""
     from snakemake.api import SnakemakeApi
+    from snakemake.exceptions import InputFunctionException
     from snakemake.settings.enums import Quietness
     from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
 
@@ -161,10 +162,28 @@ def workflow_jobs(root: str | Path = ".") -> tuple[list[Job], dict[str, Any]]:
             order = {rule.name: i for i, rule in enumerate(workflow.rules)}
             config = workflow.config
             jobs = [_job(job, config) for job in workflow.dag.jobs if job.output]
+    except InputFunctionException as err:
+        # a param or input function found bad input (the image folder's fingerprint): its own
+        # one-line error, not Snakemake's wrapper with a traceback
+        cause = _diffprune_error(err)
+        if cause is None:
+            raise
+        raise cause from err
     finally:
         os.chdir(here)
     jobs.sort(key=lambda job: (order[job.rule], job.wildcards))
     return jobs, config
+
+
+def _diffprune_error(err: BaseException) -> DiffpruneError | None:
+    """The DiffpruneError among the causes of `err`, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DiffpruneError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _job(job: Any, config: Mapping[str, Any]) -> Job:

@@ -104,7 +104,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            name = file.relative_to(path).as_posix()
+            digest.update(name.encode("utf-8", "surrogateescape") + b"\0")  # any name's bytes
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)

@@ -6,7 +6,8 @@ Conventions (the paper's, made exact here):
 - Kept counts are floors: every cluster rule keeps floor(n_c*(1-p)) of the n_c members of each
   cluster c (cluster proportions are kept); random and score rules keep floor(N*(1-p)) of all N
   samples. 1-p is computed exactly from the ratio as written in decimal, so 10 samples at
-  p=0.9 keep 1 (float arithmetic gives 0.9999... and would keep 0).
+  p=0.9 keep 1 (float arithmetic gives 0.9999... and would keep 0). A selection that keeps
+  no sample at all is a ConfigError that says which ratio (or k) would keep some.
 - Ties are broken by sample_id (lower sample_id first in the ranking) for cluster rules and by a
   seeded random order for score rules (forgetting scores tie a lot), so the result is a pure
   function of the inputs and `seed`.
@@ -214,10 +215,32 @@ def select(
     )
 
     n_kept = int(manifest["keep"].sum())
-    log.info("%s at ratio %g keeps %d of %d samples", method, ratio, n_kept, len(manifest))
     if n_kept == 0:
-        log.warning("%s at ratio %g keeps no samples at all", method, ratio)
+        raise ConfigError(_nothing_kept(method, ratio, sizes))
+    log.info("%s at ratio %g keeps %d of %d samples", method, ratio, n_kept, len(manifest))
     return manifest[list(MANIFEST_COLUMNS)]
+
+
+def _nothing_kept(method: str, ratio: float, sizes: np.ndarray) -> str:
+    """Why `method` keeps nothing at `ratio` (group sizes `sizes`), and what would keep some.
+
+    A manifest that keeps nothing cannot train anything: it is an error, not a warning.
+    """
+    n, k = int(sizes.sum()), len(sizes)
+    head = f"{method} at ratio {ratio} keeps none of the {n} samples"
+    if method == "cluster-balanced":
+        return (
+            f"{head}: m = min(smallest cluster {int(sizes.min())}, floor(floor(N(1-p)) / k = "
+            f"{k})) = 0 from every cluster; allowed: a smaller ratio or fewer clusters (k)"
+        )
+    if method in CLUSTER_METHODS:
+        largest = int(sizes.max())
+        return (
+            f"{head}: floor(n_c (1 - {ratio})) = 0 in each of its {k} clusters (the largest has "
+            f"{largest}); allowed: ratio <= 1 - 1/{largest} = {1 - 1 / largest:.6g}, or fewer "
+            "clusters (k)"
+        )
+    return f"{head}: floor({n} (1 - {ratio})) = 0; allowed: ratio <= 1 - 1/{n} = {1 - 1 / n:.6g}"
 
 
 def full_manifest(n: int) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import yaml
 from diffprune import config
 from diffprune.config import load_params, metric_names, validate_params
 from diffprune.errors import ConfigError
+from diffprune.metrics import PR_K
 from tests.test_config import DELETE, params
 
 CLASSIFIER_FREE = {
@@ -46,6 +47,7 @@ def case(key, value, expected, shown=None, **context):
 CASES = [
     # the schema: ranges, types, enums, unknown and missing keys
     case("train.steps", 0, "train.steps = 0: must be >= 1"),
+    case("sample.num_samples", 3, "sample.num_samples = 3: must be >= 4"),  # PR_K + 1 rows
     case("train.lr", "fast", "train.lr = 'fast' has the wrong type; expected number"),
     case("embed.model", "vgg16", "allowed: efficientnet-lite0, clip-vit-b32, dinov2-vits14"),
     case("study.methods", ["kmeans-magic"], "study.methods.0 = 'kmeans-magic' is not allowed"),
@@ -267,3 +269,19 @@ def test_fashion_mnist_sizes_agree_with_the_files():
     test = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
     assert (len(train), len(test)) == (config.FASHION_MNIST["train"], config.FASHION_MNIST["test"])
     assert len(FASHION_MNIST_CLASSES) == len(np.unique(train)) == config.FASHION_MNIST["classes"]
+
+
+def test_num_samples_minimum_is_what_precision_recall_needs():
+    schema = yaml.safe_load(config.SCHEMA.read_text())
+    assert schema["properties"]["sample"]["properties"]["num_samples"]["minimum"] == PR_K + 1
+
+
+def test_a_changed_feature_space_lists_the_allowed_metrics_once():
+    changed = with_changes({"evaluate.features": ["efficientnet-lite0"]})
+    with pytest.raises(ConfigError) as info:
+        validate_params(changed)
+    lines = str(info.value).splitlines()
+    bad = [m for m in changed["report"]["metrics"] if not m.endswith("_efficientnet_lite0")]
+    assert len(lines) == 2 + len(bad)  # report.metric, the bad metrics, claims.novelty_metric
+    assert sum("fd_efficientnet_lite0, kid_efficientnet_lite0" in line for line in lines) == 1
+    assert all("allowed: " in line for line in lines)

@@ -159,7 +159,7 @@ CLUSTER = ["--method", "cluster-nearest", "--k", "3"]
         ([*EMB, *CLUSTER, "--ratio", "nan"], "ratio must be in [0, 1)"),
         ([*EMB, *CLUSTER, "--ratio", "half"], "argument --ratio: invalid float value: 'half'"),
         ([*EMB, "--method", "random", "--k", "500", "--ratio", "0.5"], None),  # k unused: fine
-        ([*EMB, "--method", "cluster-mid", "--k", "500", "--ratio", "0.5"], "k=500 is larger"),
+        ([*EMB, "--method", "cluster-mid", "--k", "500", "--ratio", "0.5"], "--k = 500 is larger"),
         ([*EMB, "--method", "cluster-mid", "--k", "0", "--ratio", "0.5"], "k must be at least 1"),
         ([*EMB, "--method", "furthest", "--ratio", "0.5"], "unknown selection method 'furthest'"),
         ([*EMB, "--method", "cluster-mid", "--ratio", "0.5"], "pass --k"),
@@ -176,6 +176,8 @@ CLUSTER = ["--method", "cluster-nearest", "--k", "3"]
         ([*EMB, *CLUSTER, "--ratio", "0.5", "--init", "pp"], "argument --init: invalid choice"),
         ([*EMB, "--method", "random", "--ratio", "0.5", "--seed", "-3"], "seed must be a non-neg"),
         ([*EMB, *CLUSTER, "--ratio", "0.5", "--iterations", "0"], "at least 1, got 0"),
+        ([*EMB, "--method", "random", "--ratio", "0.995"], "keeps none of the 120 samples"),
+        ([*EMB, "--method", "cluster-mid", "--k", "120", "--ratio", "0.5"], "fewer clusters"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(user_files, capsys, args, message):

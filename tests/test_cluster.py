@@ -135,7 +135,7 @@ def test_validate_embeddings_converts_to_float32():
 @pytest.mark.parametrize(
     ("k", "match"),
     [
-        (11, r"k=11 is larger than the number of samples \(10\)"),
+        (11, r"k = 11 is larger than the number of samples \(10\); allowed: 1..10"),
         (0, "at least 1"),
         (2.5, "integer"),
     ],
@@ -145,6 +145,11 @@ def test_bad_k(k, match):
         validate_k(k, 10)
     with pytest.raises(ConfigError, match=match):
         kmeans(np.zeros((10, 2)), k=k, device="cpu")
+
+
+def test_k_out_of_range_names_its_key():
+    with pytest.raises(ConfigError, match=r"^cluster\.k = 11 is larger .* allowed: 1\.\.10$"):
+        kmeans(np.zeros((10, 2)), k=11, device="cpu", key="cluster.k")
 
 
 def test_bad_init():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import sys
 import tracemalloc
@@ -19,7 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from diffprune.data import build, fashion_mnist, huggingface, image_folder, tensors
+from diffprune import metrics
+from diffprune.data import (
+    build,
+    fashion_mnist,
+    fingerprint,
+    huggingface,
+    image_folder,
+    tensors,
+)
 from diffprune.data.store import load_store
 from diffprune.errors import ConfigError, DataError
 from diffprune.io import load_json
@@ -303,6 +312,23 @@ def test_build_store_rejects_bad_arguments(tmp_path):
         build.build_store(tmp_path, source="imagefolder", split="train", path=tmp_path, channels=2)
     with pytest.raises(ConfigError, match="size"):
         build.subset_indices(10, size=11, seed=0)
+    with pytest.raises(ConfigError, match=r"test_fraction = 0.1 of the 1 .*\(data\.test_path"):
+        build.holdout_mask(1, test_fraction=0.1, seed=0)
+    with pytest.raises(ConfigError, match=r"data\.test_fraction = 1.0; allowed: 0 <"):
+        build.holdout_mask(5, test_fraction=1.0, seed=0)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "held").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "one" / "only.png")
+    with pytest.raises(ConfigError, match=r"data\.train_size = 5, but 1 images .* null for all"):
+        build.build_store(
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path / "one", size=5,
+            test_path=tmp_path / "held", image_size=4, progress=False,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"overlaps data\.path = .* two folders apart"):
+        build.build_store(
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path,
+            test_path=tmp_path / "one", image_size=4, progress=False,
+        )  # fmt: skip
     with pytest.raises(DataError, match="missing"):
         load_store(tmp_path / "nothing")
 
@@ -342,8 +368,9 @@ def test_load_imagefolder_classes_crop_and_bad_files(folder, caplog):
     assert classes == ["cats", "dogs"]
     np.testing.assert_array_equal(labels, [0, 0, 1, 1])
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
-    assert [b[0] for b in bad] == ["dogs/broken.png"] and bad[0][1]
-    assert "dogs/broken.png" in caplog.text
+    assert [b[0] for b in bad] == ["dogs/broken.png", "dogs/notes.txt"] and bad[0][1]
+    assert "not an image" in bad[1][1] and ".png" in bad[1][1]
+    assert "dogs/broken.png" in caplog.text and "dogs/notes.txt" in caplog.text
     assert (images[1] == [0, 255, 0]).all()  # centre crop of red|green|blue is all green
     assert (images[3] == 77).all()  # gray repeated to RGB
     assert (images[2] == [200, 100, 0]).all()
@@ -362,6 +389,25 @@ def test_load_imagefolder_gray_and_without_classes(folder):
         image_folder.load_imagefolder(folder / "empty", image_size=4)
     with pytest.raises(DataError, match="does not exist"):
         image_folder.load_imagefolder(folder / "missing", image_size=4)
+
+
+def test_load_imagefolder_reads_16_bit_gray_gif_and_says_why_it_has_no_labels(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    wide = np.full((6, 6), 0x8080, np.uint16)  # mid-gray in 16 bits: 128 in 8
+    Image.fromarray(wide).save(tmp_path / "a" / "deep.png")
+    Image.fromarray(wide.astype(np.int32)).save(tmp_path / "a" / "deep.tif")
+    Image.new("P", (6, 6), 3).save(tmp_path / "a" / "anim.gif")
+    Image.new("RGB", (6, 6)).save(tmp_path / "loose.png")
+    images, labels, sources, classes, bad = image_folder.load_imagefolder(
+        tmp_path, image_size=6, channels=1, progress=False
+    )
+    assert sources == ["a/anim.gif", "a/deep.png", "a/deep.tif", "loose.png"] and not bad
+    assert (images[1] == 128).all() and (images[2] == 128).all()
+    assert classes is None and (labels == -1).all() and "loose.png" in caplog.text
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "x.heic").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no images .* other files there: x\.heic"):
+        image_folder.load_imagefolder(tmp_path / "only", image_size=4)
 
 
 def test_build_store_imagefolder_holdout_is_disjoint(tmp_path):
@@ -384,6 +430,12 @@ def test_build_store_imagefolder_holdout_is_disjoint(tmp_path):
     # red channel encodes the file number: images follow their sources
     numbers = tr.index["source"].str[:2].astype(int).to_numpy()
     np.testing.assert_array_equal(tr.images[:, 0, 0, 0], numbers * 10)
+
+    with pytest.raises(ConfigError, match=r"test split has 3 image\(s\), from data\.test_fr"):
+        build.build_store(
+            tmp_path / "one", split="test", **kwargs | {"test_fraction": 0.15}, min_images=4
+        )
+    assert build.MIN_SPLIT_IMAGES == metrics.PR_K + 1
 
     small = build.build_store(tmp_path / "s", split="train", size=6, **kwargs, progress=False)
     subset = load_store(tmp_path / "s").index["source"]
@@ -415,6 +467,71 @@ def test_build_store_imagefolder_with_split_folders(tmp_path):
     store = load_store(tmp_path / "out")
     assert not meta["holdout"] and meta["class_names"] == ["k"]
     assert list(store.index["source"]) == ["val/k/0.png", "val/k/1.png"]
+
+
+def test_held_out_labels_are_the_training_folders_classes(tmp_path):
+    for sub in ("train/a", "train/b", "train/c", "test/b", "test/c", "odd/z"):
+        (tmp_path / sub).mkdir(parents=True)
+        Image.new("RGB", (6, 6)).save(tmp_path / sub / "0.png")
+    kwargs = dict(source="imagefolder", split="test", image_size=6, progress=False)
+    meta = build.build_store(tmp_path / "out", path=tmp_path, **kwargs)
+    store = load_store(tmp_path / "out")
+    assert meta["class_names"] == ["a", "b", "c"]
+    assert dict(zip(store.index["source"], store.index["label"], strict=True)) == {
+        "test/b/0.png": 1, "test/c/0.png": 2,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"classes the training images lack: z; allowed: a, b"):
+        build.build_store(
+            tmp_path / "o2", path=tmp_path / "train", test_path=tmp_path / "odd", **kwargs
+        )
+    meta = build.build_store(
+        tmp_path / "o3", path=tmp_path / "train" / "a", test_path=tmp_path / "odd", **kwargs
+    )  # training images without class folders: the held-out folders are no labels either
+    assert meta["class_names"] is None and (load_store(tmp_path / "o3").index["label"] == -1).all()
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_as_bad_not_a_crash(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "held").mkdir()
+    for i in range(4):
+        Image.new("RGB", (6, 6), (i, 0, 0)).save(images / f"{i}.png")
+    Image.new("RGB", (6, 6)).save(os.fsencode(images) + b"/caf\xe9.png")  # Latin-1 name
+    meta = build.build_store(
+        tmp_path / "out", source="imagefolder", split="train", path=images,
+        test_path=tmp_path / "held", image_size=6, progress=False,
+    )  # fmt: skip
+    assert meta["num_samples"] == 4 and load_store(tmp_path / "out").images.shape[0] == 4
+    assert [b["path"] for b in meta["bad_images"]] == ["caf\\xe9.png"]
+    assert "not valid UTF-8" in meta["bad_images"][0]["reason"]
+    assert (
+        fingerprint.source_fingerprint(
+            {"source": "imagefolder", "path": images, "test_path": None}, "train"
+        )["files"]
+        == 5
+    )
+
+
+def test_linked_folders_are_read_once_and_hidden_ones_not_at_all(tmp_path, caplog):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data" / "cats" / ".cache").mkdir(parents=True)
+    Image.new("RGB", (6, 6)).save(tmp_path / "elsewhere" / "d.png")
+    Image.new("RGB", (6, 6)).save(tmp_path / "data" / "cats" / "c.png")
+    Image.new("RGB", (6, 6)).save(tmp_path / "data" / "cats" / ".cache" / "h.png")
+    (tmp_path / "data" / "dogs").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "cats" / "loop").symlink_to(tmp_path / "data")
+    assert image_folder.list_images(tmp_path / "data") == ["cats/c.png", "dogs/d.png"]
+    assert "already read" in caplog.text
+
+
+def test_a_test_folder_without_a_train_folder_is_refused_not_trained_on(tmp_path):
+    for sub in ("cats", "val/cats"):
+        (tmp_path / sub).mkdir(parents=True)
+        Image.new("RGB", (6, 6)).save(tmp_path / sub / "0.png")
+    with pytest.raises(ConfigError, match=r"has a val/ folder but no train/ .* class 'val'"):
+        build.build_store(
+            tmp_path / "out", source="imagefolder", split="train", path=tmp_path, progress=False
+        )
 
 
 # ------------------------------------------------------------------------------ Hugging Face

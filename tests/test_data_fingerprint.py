@@ -68,6 +68,16 @@ def test_fingerprint_follows_the_files_a_split_reads(tmp_path):
     assert holdout["holdout"] and not separate["holdout"]
     assert holdout["sha256"] == separate["sha256"] and holdout != separate
     assert source_fingerprint(data, "test")["files"] == 6
+    # the held-out labels follow the training classes: a new training class changes test's too
+    test_before = source_fingerprint(data, "test")
+    _image(split / "dresses" / "000.png", 5)
+    assert source_fingerprint(data, "test")["train_classes"] == [
+        "boots",
+        "coats",
+        "dresses",
+        "shirts",
+    ]
+    assert source_fingerprint(data, "test") != test_before
 
     assert source_fingerprint({"source": "fashion-mnist", "path": None}, "train") is None
     with pytest.raises(DataError, match=r"data\.path = .*: no such folder"):

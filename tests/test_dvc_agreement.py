@@ -151,6 +151,31 @@ def test_a_shell_in_params_is_refused_before_any_shell(tmp_path):
     assert not (root / "X").exists()
 
 
+def test_bad_input_found_while_planning_is_one_line(tmp_path):
+    (tmp_path / "images" / "test").mkdir(parents=True)  # a test/ folder without train/
+    root = make_project(tmp_path / "p", tiny_params())
+    data = {**tiny_params()["data"], "source": "imagefolder", "path": str(tmp_path / "images")}
+    evaluate = {**tiny_params()["evaluate"], "features": ["efficientnet-lite0"]}
+    report = {
+        **tiny_params()["report"],
+        "metric": "fd_efficientnet_lite0",
+        "metrics": ["kid_efficientnet_lite0"],
+        "claims": {
+            **tiny_params()["report"]["claims"],
+            "novelty_metric": "novelty_mean_efficientnet_lite0",
+        },
+    }
+    write_params(root, tiny_params(data=data, evaluate=evaluate, report=report, skew={"arms": []}))
+    result = subprocess.run(
+        [sys.executable, "-m", "diffprune", "dvc-yaml"], cwd=root, env=ENV, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]  # after Snakemake's "Building DAG of jobs..."
+    assert last.startswith("diffprune: error: data.path = ") and "no train/ folder" in last
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def fill_with_placeholders(root: Path) -> None:
     """Every output as a small file (a folder: one file in it), then both engines told they are
     current: `snakemake --touch`, `dvc commit --force`, `snakemake --touch` (make run's tail)."""

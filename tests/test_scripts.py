@@ -23,6 +23,7 @@ from diffprune import io
 from diffprune.cluster import clusters_frame, kmeans
 from diffprune.data import load_store
 from diffprune.embed import embed_images, load_embedder
+from diffprune.errors import DataError
 from diffprune.evaluate import class_balance, evaluate_samples
 from diffprune.features import load_feature_extractor
 from diffprune.sample import generate
@@ -394,6 +395,18 @@ def classifier_path(root, stores):
     )
     run_script("classifier", smk)
     return out / "classifier.pt"
+
+
+def test_classifier_script_refuses_a_single_class_naming_the_param(tmp_path):
+    one = {split: write_store(tmp_path / split, np.zeros(8), seed=3) for split in ("train", "test")}
+    smk = fake_snakemake(
+        input=files(train=one["train"], test=one["test"]),
+        output=files(model=tmp_path / "c.pt", metrics=tmp_path / "c.json"),
+        params={"classifier": PARAMS["classifier"], "resolution": 8},
+        log=tmp_path / "classifier.log",
+    )
+    with pytest.raises(DataError, match=r"at least 2 classes.* remove 'classifier' from evaluate"):
+        run_script("classifier", smk)
 
 
 def test_classifier_script_records_its_data_and_accuracy(classifier_path):

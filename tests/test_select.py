@@ -130,7 +130,7 @@ def test_blobs_nearest_keeps_cores_furthest_keeps_rims():
 @pytest.mark.parametrize(
     ("ratio", "m"),
     # sizes 10, 7, 9 (N=26, k=3): m = min(7, floor(floor(26(1-p)) / 3))
-    [(0.0, 7), (0.25, 6), (0.5, 4), (0.9, 0)],
+    [(0.0, 7), (0.25, 6), (0.5, 4), (0.85, 1)],
 )
 def test_balanced_keeps_equal_counts(ratio, m):
     clusters = make_clusters({0: 10, 2: 7, 3: 9})
@@ -157,7 +157,27 @@ def test_k_equals_n_singleton_clusters():
     clusters = pd.DataFrame({"sample_id": np.arange(6), "cluster": np.arange(6), "distance": 0.0})
     for method in CLUSTER_METHODS:
         assert select(method, 0.0, clusters=clusters)["keep"].all()
-        assert not select(method, 0.5, clusters=clusters)["keep"].any()  # floor(0.5) = 0
+        with pytest.raises(ConfigError, match="keeps none of the 6 samples"):  # floor(0.5) = 0
+            select(method, 0.5, clusters=clusters)
+
+
+@pytest.mark.parametrize(
+    ("method", "ratio", "match"),
+    [
+        ("random", 0.95, r"floor\(10 \(1 - 0.95\)\) = 0; allowed: ratio <= 1 - 1/10 = 0.9$"),
+        ("el2n", 0.95, r"allowed: ratio <= 1 - 1/10 = 0\.9$"),
+        ("cluster-furthest", 0.7, r"in each of its 4 clusters \(the largest has 3\); allowed: "),
+        ("cluster-balanced", 0.8, r"m = min\(smallest cluster 1, .* fewer clusters \(k\)$"),
+    ],
+)
+def test_a_selection_that_keeps_nothing_is_an_error_saying_what_would_keep_some(
+    method, ratio, match
+):
+    clusters = make_clusters({0: 3, 1: 3, 2: 3, 3: 1})
+    with pytest.raises(ConfigError, match=f"^{method} at ratio {ratio} keeps none of the 10 .*"):
+        select(method, ratio, clusters=clusters, scores=np.arange(10.0))
+    with pytest.raises(ConfigError, match=match):
+        select(method, ratio, clusters=clusters, scores=np.arange(10.0))
 
 
 def test_cluster_random_is_seeded_and_stays_in_clusters():

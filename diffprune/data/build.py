@@ -22,13 +22,22 @@ from diffprune.data.fashion_mnist import (
 )
 from diffprune.data.fingerprint import source_fingerprint
 from diffprune.data.huggingface import load_huggingface, resolve_revision
-from diffprune.data.image_folder import imagefolder_root, load_imagefolder
+from diffprune.data.image_folder import (
+    align_classes,
+    folder_classes,
+    imagefolder_root,
+    list_images,
+    load_imagefolder,
+)
 from diffprune.data.store import write_store
 from diffprune.errors import ConfigError
 from diffprune.io import provenance
 
 SPLITS = ("train", "test")
 SOURCES = ("fashion-mnist", "imagefolder", "huggingface")
+# the workflow's reference statistics of a split (metrics.reference_neighbours) need k + 1 rows
+# for precision/recall's k = metrics.PR_K nearest neighbours (tests/test_data.py checks both agree)
+MIN_SPLIT_IMAGES = 4
 
 
 def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -60,21 +69,31 @@ def _resize_store_images(images: np.ndarray, image_size: int) -> np.ndarray:
 def holdout_mask(n: int, *, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the test part of a seeded holdout over n items (the same for both splits)."""
     if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        raise ConfigError(f"data.test_fraction = {test_fraction!r}; allowed: 0 < test_fraction < 1")
     n_test = round(n * test_fraction)
     if n_test == 0 or n_test == n:
-        raise ConfigError(f"test_fraction {test_fraction} of {n} images leaves an empty split")
+        raise ConfigError(
+            f"data.test_fraction = {test_fraction} of the {n} readable images puts {n_test} in the "
+            f"test split and {n - n_test} in train; allowed: a fraction that leaves both splits "
+            "at least one image, or held-out images of your own (data.test_path, or train/ and "
+            "test/ folders)"
+        )
     mask = np.zeros(n, dtype=bool)
     mask[np.random.default_rng([seed, 1]).permutation(n)[:n_test]] = True
     return mask
 
 
-def subset_indices(n: int, *, size: int | None, seed: int) -> np.ndarray:
-    """Sorted seeded random subset of `size` items of range(n); all of them when size is None."""
+def subset_indices(n: int, *, size: int | None, seed: int, key: str = "size") -> np.ndarray:
+    """Sorted seeded random subset of `size` items of range(n); all of them when size is None.
+
+    `key` names the param that set `size`, for the error.
+    """
     if size is None:
         return np.arange(n)
     if not 0 < size <= n:
-        raise ConfigError(f"size {size!r} is not in 1..{n} (the number of images available)")
+        raise ConfigError(
+            f"{key} = {size!r}, but {n} images are available; allowed: 1..{n}, or null for all"
+        )
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
@@ -98,6 +117,7 @@ def build_store(
     cache_dir="data/raw",
     progress: bool = True,
     batch_size: int = 1024,
+    min_images: int = 1,
 ) -> dict:
     """Write out_dir/{images.npy,index.parquet,store.json} for one split; returns the metadata.
 
@@ -109,7 +129,8 @@ def build_store(
 
     Memory stays O(batch_size) images: folder and hub images are decoded into a memory-mapped
     scratch file in out_dir (resumed after a crash, removed at the end), and the store's
-    images.npy is written from it `batch_size` images at a time.
+    images.npy is written from it `batch_size` images at a time. Fewer than `min_images` images
+    in the split is a ConfigError (the workflow's references need MIN_SPLIT_IMAGES).
     """
     if source not in SOURCES:
         raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
@@ -151,6 +172,10 @@ def build_store(
             progress=progress,
             scratch=_scratch_dir(out_dir, recipe),
         )
+        if split == "test" and not holdout and class_names is not None:
+            train_folder = imagefolder_root(Path(path), "train", test_folder)[0]
+            train_classes = folder_classes(list_images(train_folder))
+            labels, class_names = align_classes(labels, class_names, train_classes, folder)
         # name files relative to data.path, so train/x.png and test/x.png stay distinct
         sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
         if sub != ".":
@@ -177,7 +202,15 @@ def build_store(
     if holdout:
         in_test = holdout_mask(len(images), test_fraction=test_fraction, seed=seed)
         order = np.flatnonzero(in_test if split == "test" else ~in_test)
-    order = order[subset_indices(len(order), size=size, seed=seed)]
+    order = order[subset_indices(len(order), size=size, seed=seed, key=f"data.{split}_size")]
+    if len(order) < min_images:
+        where = "data.test_fraction" if holdout else f"data.{split}_size or the images there"
+        raise ConfigError(
+            f"the {split} split has {len(order)} image(s), from {where}; its reference statistics "
+            f"(FD, precision/recall) need at least {min_images}: allowed: a larger "
+            f"data.{split}_size or data.test_fraction, or more images (held-out ones: "
+            "data.test_path, or train/ and test/ folders)"
+        )
     # folder and hub images are already decoded at image_size; Fashion-MNIST may need a resize
     out_channels = channels or images.shape[-1]
     shape = (len(order), image_size, image_size, out_channels)

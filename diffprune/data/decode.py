@@ -32,9 +32,26 @@ def check_channels(channels: int) -> None:
         raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
 
 
+# integer gray modes of more than 8 bits (16-bit PNG and TIFF): PIL's convert clips them at 255
+WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit gray scaled to 8 bits (0..65535 -> 0..255); other modes as they are.
+
+    PIL's own convert("L") or ("RGB") of a 16-bit image saturates every value above 255, so a
+    16-bit photo would turn almost white. Mode "I" (32-bit) is how PIL may open 16-bit PNGs too;
+    its values are read on the same 0..65535 scale, anything outside it clipped.
+    """
+    if image.mode not in WIDE_GRAY_MODES:
+        return image
+    wide = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+
+
 def fit_image(image: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
     """Resize the shorter side to image_size and centre-crop (one antialiased bicubic resample)."""
-    image = ImageOps.exif_transpose(image)
+    image = to_8bit(ImageOps.exif_transpose(image))
     image = image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     side = min(w, h)

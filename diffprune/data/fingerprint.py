@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffprune.data.huggingface import is_hub_id
-from diffprune.data.image_folder import imagefolder_root, list_images
+from diffprune.data.image_folder import folder_classes, imagefolder_root, list_images
 from diffprune.errors import ConfigError, DataError
 
 
@@ -24,7 +24,10 @@ def folder_fingerprint(root: Path, files: list[str]) -> dict[str, Any]:
     for name in files:
         stat = (root / name).stat()
         total += stat.st_size
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # surrogateescape: a name that is not UTF-8 keeps its own bytes
+        digest.update(
+            f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+        )
     return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
 
 
@@ -53,6 +56,9 @@ def source_fingerprint(data: dict[str, Any], split: str) -> dict[str, Any] | Non
         )
         # which folder a split reads, and whether it is a holdout, depend on the layout too
         layout = {"folder": str(folder), "holdout": holdout}
+        if split == "test" and not holdout:  # its labels are the training folder's classes
+            train = imagefolder_root(path, "train", None if test_path is None else Path(test_path))
+            layout["train_classes"] = folder_classes(list_images(train[0]))
         return layout | folder_fingerprint(folder, list_images(folder))
     if data["source"] == "huggingface" and data.get("hf_name") and not is_hub_id(data["hf_name"]):
         folder = Path(data["hf_name"])

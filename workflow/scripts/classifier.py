@@ -17,6 +17,12 @@ if (labels < 0).any():
         "remove 'classifier' from evaluate.features"
     )
 num_classes = int(labels.max()) + 1
+if num_classes < 2:
+    raise DataError(
+        f"the classifier feature space needs at least 2 classes, and this image store has "
+        f"{num_classes} ({train_store.meta.get('class_names')}); remove 'classifier' from "
+        "evaluate.features (and its metrics from report.*)"
+    )
 with stopwatch() as timing:
     model = train_classifier(
         train_store.images,

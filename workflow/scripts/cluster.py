@@ -18,6 +18,7 @@ clustering = kmeans(
     seed=cfg["seed"],
     init=cfg.get("init", "k-means++"),
     device=cfg.get("device", "auto"),
+    key="cluster.k",
 )
 io.save_parquet(snakemake.output.clusters, clusters_frame(clustering))
 io.save_npy(snakemake.output.centroids, clustering.centroids)

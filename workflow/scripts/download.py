@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from diffprune.data import build_store
+from diffprune.data.build import MIN_SPLIT_IMAGES
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
@@ -23,4 +24,5 @@ build_store(
     hf_revision=data.get("hf_revision"),
     label_column=data.get("hf_label_column"),
     test_fraction=data.get("test_fraction", 0.1),
+    min_images=MIN_SPLIT_IMAGES,
 )

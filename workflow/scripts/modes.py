@@ -13,6 +13,11 @@ faiss.omp_set_num_threads(snakemake.threads)
 cfg = snakemake.params.cluster
 features = load_reference(snakemake.input[0])["features"].astype(np.float32)
 clustering = kmeans(
-    features, k=cfg["k"], iterations=cfg["iterations"], seed=cfg["seed"], device="cpu"
+    features,
+    k=cfg["k"],
+    iterations=cfg["iterations"],
+    seed=cfg["seed"],
+    device="cpu",
+    key="cluster.k (also the number of modes of mode_coverage)",
 )
 io.save_npy(snakemake.output[0], clustering.centroids)
