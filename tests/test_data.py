@@ -453,6 +453,9 @@ def test_build_store_imagefolder_with_test_path(tmp_path):
             tmp_path / split, split=split, image_size=6, **kwargs, progress=False
         )
         assert not meta["holdout"] and meta["num_samples"] == n
+        # the folder is identified by its stat fingerprint, not by reading its bytes again
+        assert meta["provenance"]["inputs"] == {}
+        assert meta["provenance"]["source_fingerprint"]["files"] == n
 
 
 def test_build_store_imagefolder_with_split_folders(tmp_path):

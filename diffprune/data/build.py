@@ -181,7 +181,9 @@ def build_store(
         if sub != ".":
             sources = [f"{sub}/{s}" for s in sources]
             bad = [(f"{sub}/{b}", reason) for b, reason in bad]
-        inputs = {"images": folder}
+        # no content hash of the folder: `source_fingerprint` (the stat of every file the split
+        # reads) identifies it, and DVC hashes the folder as the stage's dep; hashing here would
+        # read every byte a second time (150 GB for ImageNet)
         dataset_name = Path(path).resolve().name
     else:
         if hf_name is None:
