@@ -1,7 +1,10 @@
 """GPU check: training, sampling and embedding throughput, MFU, and k-means, in one short run.
 
-Written for one H200 (about 8 minutes with the defaults); `--dry-run` runs every section at toy
-size on the CPU in well under a minute, which is how it is tested without a GPU.
+Sized for the 8 minutes one H200 check may take (not yet timed: no GPU has run it). The
+train_run section also writes a DiT-XL/2 checkpoint at its last step (718M parameters as weights,
+EMA and two AdamW moments in float32: 4 x 2.9 GB), left out of the throughput it reports.
+`--dry-run` runs every section at toy size on the CPU in well under a minute, which is how it is
+tested without a GPU.
 
 - train: the paper's DiT-XL/2 (diffprune.diffusion.build_model, dit_size XL/2) on 32x32x4
   latents (256 px images through an f8 autoencoder), flow-matching loss, bf16 autocast, TF32
