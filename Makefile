@@ -72,7 +72,8 @@ dvc-repro: setup dvc.yaml  ## the same study through DVC (one job at a time, eac
 	$(BIN)/snakemake --cores all --touch --quiet
 
 # The remote is .dvc/config's `storage` (../diffprune-dvc-remote unless `dvc remote modify --local`
-# points it elsewhere). DVC's run cache stays empty: dvc.yaml's outputs persist (see README).
+# points it elsewhere). DVC's run cache stays empty: dvc.yaml's outputs persist
+# (see docs/snakemake-and-dvc.md).
 push: setup  ## send every DVC-tracked artifact to the DVC remote
 	$(BIN)/dvc push
 

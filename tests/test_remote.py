@@ -92,7 +92,7 @@ def test_default_remote_is_a_folder_beside_the_checkout(origin):
     assert listed[:3] == ["storage", str(remote), "(default)"]
     assert any((remote / "files" / "md5").iterdir())
     assert not (remote / "runs").exists()  # persistent outputs: no run cache to send
-    # The README's switch to S3 for one user: .dvc/config.local, not the committed .dvc/config
+    # docs/snakemake-and-dvc.md's switch to S3 for one user: .dvc/config.local, not .dvc/config
     config = (origin / ".dvc" / "config").read_bytes()
     dvc(origin, "remote", "modify", "--local", "storage", "url", "s3://bucket/path")
     try:

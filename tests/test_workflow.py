@@ -159,7 +159,8 @@ def test_dvc_records_a_snakemake_run_without_recomputing(study):
     assert "Data and pipelines are up to date" in status
     repro = dvc(study, "repro").stdout
     assert "Running stage" not in repro
-    # dvc commit rewrote the files (same bytes, new times); the README's way back to Snakemake:
+    # dvc commit rewrote the files (same bytes, new times); the way back to Snakemake
+    # (docs/snakemake-and-dvc.md):
     assert planned_jobs(study) != []
     snakemake(study, "--touch")
     assert planned_jobs(study) == []
