@@ -44,9 +44,8 @@ FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
 # the config does not load torch; tests check that they agree.
 TRAIN_DEFAULTS = {"num_train_timesteps": 1000, "space": "pixel", "dit_size": "S/2"}
 DIT_PATCH = {"S/2": 2, "B/2": 2, "L/2": 2, "XL/2": 2}
-# Folders the workflow (or its engines) write, relative to the working directory: an image
-# folder inside one, or holding one, would read the workflow's own outputs (report.dir is added).
-WRITTEN_FOLDERS = (str(paths.DATA), str(paths.LOGS), "dvclive", ".snakemake", ".dvc")
+# Folders that Snakemake, DVC and dvclive write, besides the workflow's own (paths.written_folders).
+ENGINE_FOLDERS = ("dvclive", ".snakemake", ".dvc")
 # Sections with a `device` key.
 DEVICE_SECTIONS = ("embed", "cluster", "scores", "train", "autoencoder", "classifier", "evaluate")
 
@@ -145,7 +144,8 @@ def _folder_problems(params: dict[str, Any]) -> list[str]:
     data = params["data"]
     if data["source"] != "imagefolder":
         return []
-    written = dict.fromkeys([*WRITTEN_FOLDERS, params["report"]["dir"]])
+    folders = [*map(str, paths.written_folders()), *ENGINE_FOLDERS, params["report"]["dir"]]
+    written = dict.fromkeys(folders)
     problems = []
     for key in ("path", "test_path"):
         folder = data[key] and Path(data[key]).resolve()
