@@ -695,7 +695,7 @@ def test_cuda_without_cuda_is_one_line_naming_the_key_before_any_job(tmp_path):
     root = workflow_copy(tmp_path)
     (root / "cuda.yaml").write_text("evaluate:\n  device: cuda\n")
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "--configfile", "cuda.yaml", STORE],
+        [str(Path(sys.executable).parent / "snakemake"), STORE, "--configfile", "cuda.yaml"],
         cwd=root, env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if "evaluate.device = 'cuda'" in line]
