@@ -3,6 +3,13 @@
 #   (train.space: latent adds autoencoder -> encode before train)
 # Run `snakemake --cores all`; every path comes from diffprune.paths, every setting from params.yaml.
 
+# Params are data: refuse YTE templating (Snakemake's config reader would run its code), a key
+# written twice and YAML aliases before Snakemake reads the files (diffprune.params_yaml).
+from diffprune.params_yaml import check_files
+
+check_files(["params.yaml", *workflow.overwrite_configfiles])
+
+
 configfile: "params.yaml"
 
 

@@ -224,7 +224,7 @@ def train_autoencoder(
     cfg = resolve_config({**cfg, "source": "train"})
     _check_images(images)
     train_images, held_out = _split(images, test_images)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"], key="autoencoder.device")
     torch.manual_seed(seed)  # weight initialisation
     ae = build_autoencoder(cfg, in_channels=images.shape[-1])
     latent_shape(ae, resolution)  # fails fast on a resolution the factor does not divide

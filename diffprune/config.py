@@ -22,6 +22,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from diffprune import params_yaml, paths
 from diffprune.errors import ConfigError
 from diffprune.names import FULL, Run, feature_key, scores_for
 
@@ -43,6 +44,8 @@ FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
 # the config does not load torch; tests check that they agree.
 TRAIN_DEFAULTS = {"num_train_timesteps": 1000, "space": "pixel", "dit_size": "S/2"}
 DIT_PATCH = {"S/2": 2, "B/2": 2, "L/2": 2, "XL/2": 2}
+# Folders that Snakemake, DVC and dvclive write, besides the workflow's own (paths.written_folders).
+ENGINE_FOLDERS = ("dvclive", ".snakemake", ".dvc")
 # Sections with a `device` key.
 DEVICE_SECTIONS = ("embed", "cluster", "scores", "train", "autoencoder", "classifier", "evaluate")
 
@@ -51,13 +54,7 @@ def load_params(
     path: str | os.PathLike = "params.yaml", *, check_cuda: bool = True
 ) -> dict[str, Any]:
     """Read and validate a params file; raise ConfigError listing every problem."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such params file")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
+    params = params_yaml.read(path)
     validate_params(params, source=str(path), check_cuda=check_cuda)
     return params
 
@@ -112,14 +109,6 @@ def _validator() -> jsonschema.protocols.Validator:
     return strict(yaml.safe_load(SCHEMA.read_text()))
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """One line: where the YAML breaks (1-based line and column) and why."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"not valid YAML{where}: {' '.join(problem.split())}"
-
-
 # --------------------------------------------------------------------------- cross-key rules
 def _semantic_problems(params: dict[str, Any]) -> list[str]:
     """Rules that cross keys, which the schema cannot say."""
@@ -147,6 +136,31 @@ def _source_problems(params: dict[str, Any]) -> list[str]:
             if (data[f"{split}_size"] or 0) > FASHION_MNIST[split]
         ]
     return problems
+
+
+def _folder_problems(params: dict[str, Any]) -> list[str]:
+    """An image folder must not overlap a folder the workflow writes: the store would take in
+    the workflow's own plots, samples or logs and change on every run (it never settles)."""
+    data = params["data"]
+    if data["source"] != "imagefolder":
+        return []
+    folders = [*map(str, paths.written_folders()), *ENGINE_FOLDERS, params["report"]["dir"]]
+    written = dict.fromkeys(folders)
+    problems = []
+    for key in ("path", "test_path"):
+        folder = data[key] and Path(data[key]).resolve()
+        overlap = [w for w in written if folder and _overlap(folder, Path(w).resolve())]
+        if overlap:
+            problems.append(
+                f"data.{key} = {data[key]!r}: overlaps {overlap[0]}/, which this workflow writes, "
+                "so the store would read its own outputs and never settle; allowed: a folder "
+                f"neither inside nor holding {', '.join(written)}"
+            )
+    return problems
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _train_images(data: dict[str, Any]) -> tuple[int, str] | None:
@@ -446,6 +460,7 @@ def _missing_device(visible: int) -> str:
 
 CHECKS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
     _source_problems,
+    _folder_problems,
     _study_problems,
     _cluster_problems,
     _score_problems,

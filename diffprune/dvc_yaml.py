@@ -113,6 +113,41 @@ def check_fresh(config: Mapping[str, Any], dvc_yaml: str | Path) -> None:
         )
 
 
+def changed_params(jobs: Any, config: Mapping[str, Any], path: str | Path) -> list[str]:
+    """The params keys that `jobs` (Snakemake jobs) read whose value in the params file at `path`
+    now differs from `config`, the values they ran with (a key gone from the file counts)."""
+    from diffprune.params_yaml import read
+
+    fresh, missing = read(path), object()
+    keys = {
+        key: None
+        for job in jobs
+        if job.output
+        for key in rule_params(job.rule.name, dict(job.params.items()), config)
+    }
+    return [key for key in keys if _get(fresh, key, missing) != _lookup(config, key)]
+
+
+def check_params_unchanged(jobs: Any, config: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse to end a stage run by DVC when the params its job read were edited meanwhile:
+    DVC records params.yaml's values after the command, so the lock would claim outputs made
+    with other values. Failing, the stage leaves no lock entry and stays out of date."""
+    changed = changed_params(jobs, config, path)
+    if changed:
+        raise ConfigError(
+            f"{path} changed while this stage ran: {', '.join(changed)}; the outputs were made "
+            "with the old values, so DVC must not record the new ones; rerun (dvc repro)"
+        )
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+    """`_lookup` that returns `default` where a part of `key` is missing."""
+    try:
+        return _lookup(config, key)
+    except (KeyError, TypeError):
+        return default
+
+
 def rule_params(rule: str, params: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """The params.yaml keys a rule's `params:` read: whole sections (the very config object) and
     the scalars of SCALAR_PARAMS; paths and source fingerprints are skipped (a fingerprinted

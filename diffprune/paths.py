@@ -196,3 +196,14 @@ def sample_mosaic(root: str | Path = RESULTS) -> Path:
 
 def log(rule: str, name: str = "") -> Path:
     return LOGS / rule / f"{name or rule}.log"
+
+
+def written_folders() -> list[Path]:
+    """Every folder the workflow writes into, besides report.dir (an image source must neither
+    be inside one nor hold one; tests/test_faults.py checks every path above falls in one)."""
+    data = [
+        store("train").parent, embeddings().parent, autoencoder(), latents().parent, EVIDENCE,
+        surrogate("k").parent, autoencoder_checkpoints().parent, run_dir("r", 0).parent.parent,
+        classifier().parent, reference("s", "f").parent.parent,
+    ]  # fmt: skip
+    return [*data, RESULTS, LOGS]

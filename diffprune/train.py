@@ -462,7 +462,7 @@ def _batch_labels(
 
 
 def _accelerator(cfg: dict) -> Accelerator:
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"], key="train.device")
     precision = cfg["mixed_precision"]
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "no"

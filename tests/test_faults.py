@@ -14,6 +14,15 @@
 - Orphaned job (Snakemake killed with kill -9): the job stops itself (test_orphan*).
 - Concurrent engines: `dvc repro` during a Snakemake run refuses and deletes nothing
   (test_dvc_repro_during_a_snakemake_run_*).
+- Params are data (issue 16): a params file or --configfile overlay with YTE templating, a key
+  written twice or YAML aliases is refused with its line before Snakemake reads it, so no
+  expression runs and nothing expands (test_unsafe_*, test_an_unsafe_overlay_*).
+- Self-including image folder: data.path inside or holding a folder the workflow writes is refused
+  at parse (test_an_image_folder_*).
+- CUDA without CUDA: one line naming the key before any job when jobs run locally; the in-job
+  check (cluster nodes) names the key too (test_cuda_without_cuda_*).
+- Params edited while a DVC stage runs: the stage fails, so dvc.lock never records values its
+  outputs were not made with (test_params_edited_while_a_dvc_stage_runs_*, test_changed_params_*).
 - Changed image folder: added, removed and replaced images rerun the store and what follows
   (tests/test_data_fingerprint.py); DVC hashes the folder as a dep of the store's stages
   (tests/test_dvc_agreement.py::test_an_image_folder_source_is_a_dvc_dep_of_its_store).
@@ -547,3 +556,197 @@ def test_a_finished_run_leaves_no_lock_file_or_checkpoint_folder(tmp_path):
     with checkpoints.run_lock(ckpt):
         pass
     assert (ckpt / checkpoints.LOCK).exists()
+
+
+# --- params safety (issue 16) ---
+MARKER = "ran.txt"
+STORE = "data/store/train/images.npy"
+TEMPLATED = f'__use_yte__: true\nreport:\n  dir: ?open("{MARKER}", "w").write("x") and "results"\n'
+# nine aliases per level, six levels: 531,441 items from a few hundred bytes (the bomb of the
+# issue had more levels, and ran 75 s to 3.1 GB)
+BOMB = "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9) if i else ', '.join(['1'] * 9)}]\n"
+    for i in range(6)
+)
+DUPLICATE = "train:\n  lr: 0.002\n  lr: 0.0005\n"
+UNSAFE = {
+    "templated": (TEMPLATED, "line 1: key '__use_yte__' is templating"),
+    "duplicate": (DUPLICATE, "line 3: key 'lr' is written twice (first at line 2)"),
+    "aliases": (BOMB, "line 2: alias *a0: YAML aliases are refused"),
+    "conditional": ("train:\n  ?if True:\n    lr: 1\n", "line 2: key '?if True' is templating"),
+}
+
+
+def workflow_copy(root: Path) -> Path:
+    """The Snakefile (its includes pointing at this checkout), its workflow profile and the
+    default params.yaml: what Snakemake's command line and the dvc.yaml generator read."""
+    root.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "Snakefile").read_text()
+    text = text.replace('include: "workflow/', f'include: "{REPO}/workflow/')
+    (root / "Snakefile").write_text(text)
+    (root / "profiles").symlink_to(REPO / "workflow" / "profiles")
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return root
+
+
+@pytest.mark.parametrize("name", UNSAFE)
+def test_unsafe_params_yaml_is_refused_with_its_line_before_anything_expands(tmp_path, name):
+    from diffprune.config import load_params
+
+    text, message = UNSAFE[name]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as error:
+        load_params(path, check_cuda=False)
+    assert time.perf_counter() - start < 1.0
+    assert len(str(error.value).splitlines()) == 1 and f"{path} {message}" in str(error.value)
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("name", ["templated", "duplicate", "aliases"])
+def test_an_unsafe_overlay_is_refused_before_snakemake_reads_it(tmp_path, name):
+    """Snakemake reads --configfile overlays (rendering YTE, running its code) while parsing its
+    command line, before the Snakefile; the workflow profile refuses them first."""
+    root = workflow_copy(tmp_path)
+    (root / "o.yaml").write_text(UNSAFE[name][0])
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "-n", "--configfile", "o.yaml"],
+        cwd=root, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and not (root / MARKER).exists()
+    assert result.stderr.splitlines()[-1].startswith(f"diffprune: o.yaml {UNSAFE[name][1]}")
+    assert "Traceback" not in result.stderr and not (root / ".snakemake").exists()
+
+
+def test_unsafe_params_yaml_stops_snakemakes_parse_and_the_dvc_yaml_generator(tmp_path):
+    """params.yaml read by the Snakefile's `configfile:` (through Snakemake's API, as the
+    dvc.yaml generator does), and by `python -m diffprune dvc-yaml --check` itself."""
+    cases = tmp_path / "cases"
+    for name in ("templated", "duplicate", "aliases"):
+        (cases / name).mkdir(parents=True)
+        (cases / name / "params.yaml").write_text(UNSAFE[name][0])
+    images = cases / "self_including"
+    images.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"] |= {"source": "imagefolder", "path": "results"}
+    (images / "params.yaml").write_text(yaml.safe_dump(params))
+    snakefile = workflow_copy(tmp_path / "project") / "Snakefile"
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE, str(cases), str(snakefile)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = yaml.safe_load(result.stdout.splitlines()[-1])
+    for name in ("templated", "duplicate", "aliases"):
+        assert errors[name].startswith("ConfigError: params.yaml line"), errors[name]
+        assert UNSAFE[name][1] in errors[name] and len(errors[name].splitlines()) == 1
+    assert "data.path = 'results': overlaps results/" in errors["self_including"]
+    assert not list(cases.glob(f"*/{MARKER}")) and not list(cases.glob("*/data"))
+
+    (tmp_path / "project" / "params.yaml").write_text(TEMPLATED)
+    generator = subprocess.run(
+        [sys.executable, "-m", "diffprune", "dvc-yaml", "--check"],
+        cwd=tmp_path / "project", env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert generator.returncode != 0 and not (tmp_path / "project" / MARKER).exists()
+    assert generator.stderr.splitlines()[-1].startswith(
+        "diffprune: error: params.yaml line 1: key '__use_yte__' is templating"
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"data.path": "results"},
+        {"data.path": "."},
+        {"data.path": "results/plots"},
+        {"data.test_path": "data/store/extra", "data.path": "/images"},
+    ],
+)
+def test_an_image_folder_that_holds_or_is_in_the_workflows_outputs_is_refused(changes):
+    key = next(k for k in ("data.test_path", "data.path") if k in changes)
+    with pytest.raises(ConfigError) as error:
+        validate_params(with_changes({"data.source": "imagefolder", **changes}))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and f"{key} = {changes[key]!r}: overlaps" in message
+    assert "never settle; allowed: a folder neither inside nor holding" in message
+
+
+def test_an_image_folder_beside_the_outputs_is_allowed_and_every_output_is_in_a_written_folder():
+    from diffprune import paths
+
+    beside = {"data.source": "imagefolder", "data.path": "data/imagenet/train"}
+    validate_params(with_changes(beside))
+    written = paths.written_folders()
+    for name in dir(paths):
+        function = getattr(paths, name)
+        if not callable(function) or name in ("Path", "written_folders") or name.startswith("_"):
+            continue
+        arity = function.__code__.co_argcount - len(function.__defaults__ or ())
+        path = Path(function(*["x", "0", "y"][:arity]))
+        assert any(path.is_relative_to(folder) for folder in written), (name, path)
+
+
+@pytest.mark.slow  # Snakemake's command line up to its first job
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_naming_the_key_before_any_job(tmp_path):
+    from diffprune.device import resolve_device
+
+    root = workflow_copy(tmp_path)
+    (root / "cuda.yaml").write_text("evaluate:\n  device: cuda\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), STORE, "--configfile", "cuda.yaml"],
+        cwd=root, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if "evaluate.device = 'cuda'" in line]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-3000:]
+    assert "no CUDA device is visible; use auto or cpu" in lines[0]
+    assert not (root / "data").exists() and not (root / "logs").exists()
+    with pytest.raises(ConfigError, match=r"^train.device = 'cuda': no CUDA device is visible"):
+        resolve_device("cuda", key="train.device")  # the in-job check, where a cluster runs it
+
+
+class FakeJob:
+    """What changed_params reads of a Snakemake job."""
+
+    def __init__(self, rule: str, **params) -> None:
+        self.rule, self.output, self.params = type("Rule", (), {"name": rule}), ["out"], params
+
+
+def test_changed_params_are_those_the_job_read_and_only_they(tmp_path):
+    from diffprune.dvc_yaml import changed_params, check_params_unchanged
+
+    config = yaml.safe_load((REPO / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+    edited = yaml.safe_load((REPO / "params.yaml").read_text())
+    edited["train"]["lr"] /= 4
+    edited["report"]["metric"] = "kid_classifier"
+    path.write_text(yaml.safe_dump(edited))
+    sample = FakeJob("sample", sample=config["sample"], device=config["train"]["device"])
+    assert changed_params([sample], config, path) == []
+    train = FakeJob("train", train=config["train"], checkpoints="ckpt")
+    with pytest.raises(ConfigError, match=r"params.yaml changed while this stage ran: train;"):
+        check_params_unchanged([sample, train], config, path)
+
+
+@pytest.mark.slow  # one stage's command as DVC runs it (Snakemake, the store job)
+def test_params_edited_while_a_dvc_stage_runs_fail_the_stage_so_no_lock_records_them(tmp_path):
+    """DVC writes dvc.lock from params.yaml after a command exits 0: the stage must fail."""
+    from diffprune.dvc_yaml import SHAPE_LINE, Job, command, shape_digest
+    from tests import workflow_helpers as wf
+
+    root = workflow_copy(tmp_path)
+    params = wf.tiny_params()
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.yaml").write_text(f"{SHAPE_LINE}{shape_digest(params)}\n")
+    job = Job("download", (), "", (), (), ("data/store/train/images.npy",), ("data",))
+    stage = subprocess.Popen(
+        command(job), shell=True, cwd=root, env=ENV, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: any((root / ".snakemake" / "incomplete").glob("*")), timeout=120,
+             what="the job's start")  # fmt: skip
+    params["data"]["test_fraction"] = 0.2  # while the job runs
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _, stderr = stage.communicate(timeout=300)
+    assert stage.returncode != 0 and (root / "data/store/train/images.npy").exists()
+    assert "params.yaml changed while this stage ran: data; " in stderr, stderr[-3000:]

@@ -2,8 +2,17 @@
 from diffprune import names, paths
 from diffprune.config import grid, validate_params
 from diffprune.names import FULL, SKEW, Run, needs
+from snakemake_interface_executor_plugins.settings import ExecMode
 
 validate_params(config, source="params.yaml (with --config overrides)")
+
+
+onstart:
+    # A `*.device: cuda` without CUDA here: one line naming the key before any job runs, where
+    # the jobs run on this machine; a cluster's nodes may have the GPUs this one lacks, so there
+    # the job checks (diffprune.device names the key). torch loads only if a key asks for cuda.
+    if workflow.local_exec and workflow.exec_mode == ExecMode.DEFAULT:
+        validate_params(config, source="params.yaml (with --config overrides)", check_cuda=True)
 
 GRID = grid(config)
 REPORT = config["report"]["dir"]
@@ -97,12 +106,19 @@ import os
 from pathlib import Path
 
 from diffprune.code_deps import library_modules
-from diffprune.dvc_yaml import RUN_ENV, check_fresh
+from diffprune.dvc_yaml import RUN_ENV, check_fresh, check_params_unchanged
 
 BY_DVC = os.environ.get(RUN_ENV) == "1"
 SMALL_JOB_THREADS = workflow.cores if BY_DVC else 1
 if BY_DVC:
     check_fresh(config, "dvc.yaml")
+
+
+onsuccess:
+    # DVC records params.yaml's values after this command: refuse when the job's were edited
+    # while it ran, so that the lock never claims outputs made with other values.
+    if BY_DVC:
+        check_params_unchanged(workflow.dag.finished_jobs, config, "params.yaml")
 
 
 

@@ -16,7 +16,7 @@ from diffprune.logs import setup
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg = snakemake.params.autoencoder
 store = load_store(Path(snakemake.input.images).parent)
-device = resolve_device(cfg.get("device", "auto"))
+device = resolve_device(cfg.get("device", "auto"), key="autoencoder.device")
 write_latents(
     snakemake.input.autoencoder,
     store.images,
