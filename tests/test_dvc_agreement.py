@@ -15,7 +15,7 @@ import yaml
 
 from diffprune import paths
 from diffprune.code_deps import library_modules
-from diffprune.dvc_yaml import RUN_ENV, STALE, shape_digest
+from diffprune.dvc_yaml import ONE_JOB, RUN_ENV, SEEDS, STALE, shape_digest
 from tests.workflow_helpers import (
     ENV,
     REPO,
@@ -76,46 +76,58 @@ def test_committed_dvc_yaml_is_the_generated_one():
     assert result.returncode == 0, f"{result.stdout}{result.stderr}"
 
 
-def test_one_stage_per_job_with_exactly_what_it_reads(stages, jobs):
-    assert len(stages) == len(jobs)
-    by_outs = {frozenset(outs(stage)): (name, stage) for name, stage in stages.items()}
+def test_one_stage_per_job_or_per_seeds_with_exactly_what_they_read(stages, jobs):
+    """A job's stage is its own, or its grid point's and rule's for all seeds (run side by side)."""
+    by_out = {out: name for name, stage in stages.items() for out in outs(stage)}
+    assert set(by_out) == {out for job in jobs for out in job["output"]}
+    members: dict[str, list[dict]] = {}
     for job in jobs:
-        name, stage = by_outs[frozenset(job["output"])]
-        assert name.startswith(job["rule"] + "_") or name == job["rule"]
-        script = f"workflow/scripts/{job['rule']}.py"
+        name = by_out[job["output"][0]]
+        assert {by_out[out] for out in job["output"]} == {name}
+        members.setdefault(name, []).append(job)
+    for name, group in members.items():
+        stage, rule = stages[name], group[0]["rule"]
+        assert {job["rule"] for job in group} == {rule}
+        assert name.startswith(rule + "_") or name == rule
+        assert len({job["wildcards"].get("seed") for job in group}) == len(group), name
+        script = f"workflow/scripts/{rule}.py"
         code = library_modules(script, REPO)
         assert stage["deps"][0] == script
-        assert set(stage["deps"]) == {script, *code, *job["input"]}, name
-        assert shlex.split(stage["cmd"])[-3:] == [job["rule"], "--", job["output"][0]]
+        assert set(stage["deps"]) == {script, *code, *(f for job in group for f in job["input"])}
+        words = shlex.split(stage["cmd"])
+        assert words[0] == f"{RUN_ENV}={SEEDS if len(group) > 1 else ONE_JOB}", name
+        assert words[-len(group) - 2 : -len(group)] == [rule, "--"]
+        assert sorted(words[-len(group) :]) == sorted(job["output"][0] for job in group)
+    assert len(members["train_full"]) == len(TINY["study"]["seeds"]) > 1
 
 
 def test_a_score_selection_depends_on_its_score_file_only(stages):
-    deps = stages["select_el2n_r0p5_s0"]["deps"]
+    deps = stages["select_el2n_r0p5"]["deps"]
     assert str(paths.scores("el2n")) in deps
     assert str(paths.scores("grand")) not in deps
     assert not [d for d in deps if d.startswith("data/surrogates")]
     assert not [d for d in deps if d.startswith(str(paths.EVIDENCE / "clusters"))]
-    assert stages["select_cluster-furthest_r0p5_s0"]["params"] == ["select", "cluster"]
-    assert str(paths.scores("el2n")) not in stages["select_cluster-furthest_r0p5_s0"]["deps"]
+    assert stages["select_cluster-furthest_r0p5"]["params"] == ["select", "cluster"]
+    assert str(paths.scores("el2n")) not in stages["select_cluster-furthest_r0p5"]["deps"]
 
 
 def test_params_are_what_the_rules_read(stages):
-    assert stages["train_full_s0"]["params"] == ["train"]
-    assert stages["sample_full_s0"]["params"] == ["sample", "train.device"]
-    assert stages["evaluate_full_s0"]["params"] == ["evaluate", "train.resolution"]
+    assert stages["train_full"]["params"] == ["train"]
+    assert stages["sample_full"]["params"] == ["sample", "train.device"]
+    assert stages["evaluate_full"]["params"] == ["evaluate", "train.resolution"]
     assert stages["surrogate_moso"]["params"] == ["train", "scores"]
-    assert "diffprune/features.py" in stages["evaluate_full_s0"]["deps"]
-    assert "diffprune/features.py" not in stages["train_full_s0"]["deps"]
+    assert "diffprune/features.py" in stages["evaluate_full"]["deps"]
+    assert "diffprune/features.py" not in stages["train_full"]["deps"]
 
 
 def test_outputs_persist_and_results_are_git_tracked(stages):
-    train = stages["train_random_r0p5_s1"]
-    assert train["outs"] == [{"data/runs/random_r0.5/s1/model": {"persist": True}}]
-    assert train["plots"] == [{"data/runs/random_r0.5/s1/dvclive": {"persist": True}}]
-    evaluate = stages["evaluate_random_r0p5_s1"]
-    assert evaluate["metrics"] == [
-        {"results/metrics/random_r0.5/s1.json": {"persist": True, "cache": False}}
-    ]
+    train = stages["train_random_r0p5"]
+    assert train["outs"][1] == {"data/runs/random_r0.5/s1/model": {"persist": True}}
+    assert train["plots"][1] == {"data/runs/random_r0.5/s1/dvclive": {"persist": True}}
+    evaluate = stages["evaluate_random_r0p5"]
+    assert evaluate["metrics"][1] == {
+        "results/metrics/random_r0.5/s1.json": {"persist": True, "cache": False}
+    }
     assert stages["classifier"]["metrics"] == [
         {"results/classifier.json": {"persist": True, "cache": False}}
     ]
@@ -131,7 +143,8 @@ def test_commands_hold_only_quoted_concrete_paths(stages):
     for name, stage in stages.items():
         assert "${" not in stage["cmd"] and ";" not in stage["cmd"], name
         words = shlex.split(stage["cmd"])
-        assert words[:2] == [f"{RUN_ENV}=1", "snakemake"], name
+        assert words[0] in (f"{RUN_ENV}={ONE_JOB}", f"{RUN_ENV}={SEEDS}"), name
+        assert words[1] == "snakemake", name
         assert shlex.join(words[1:]) == stage["cmd"].split(" ", 1)[1], name
 
 
@@ -227,7 +240,7 @@ def test_a_bad_param_through_dvc_leaves_the_model_in_place(filled):
     params["train"]["lr"] = -1.0
     write_params(filled, params)
     try:
-        result = dvc(filled, "repro", "train_full_s0", check=False)
+        result = dvc(filled, "repro", "train_full", check=False)
     finally:
         write_params(filled, tiny_params())
     assert result.returncode != 0

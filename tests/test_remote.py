@@ -150,10 +150,10 @@ def test_queued_experiment_runs_from_the_pulled_cache(origin):
         assert time.monotonic() < deadline, status
         time.sleep(5)
     logs = dvc(root, "queue", "logs", name).stdout
-    assert "Running stage 'train_cluster-furthest_r0p75_s0'" in logs
+    assert "Running stage 'train_cluster-furthest_r0p75'" in logs
     assert "Stage 'embed' didn't change, skipping" in logs
-    assert "Running stage 'train_cluster-furthest_r0p5_s0'" not in logs
-    assert "Running stage 'train_full_s0'" not in logs
+    assert "Running stage 'train_cluster-furthest_r0p5'" not in logs
+    assert "Running stage 'train_full'" not in logs
 
     shown = dvc(root, "exp", "show", "--md").stdout
     header, row = shown.splitlines()[0], next(r for r in shown.splitlines() if f"[{name}]" in r)

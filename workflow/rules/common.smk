@@ -99,17 +99,18 @@ def report_metrics():
     return list(dict.fromkeys([config["report"]["metric"], *config["report"]["metrics"]]))
 
 
-# --- Run by DVC (dvc.yaml's commands set DIFFPRUNE_DVC=1): DVC runs one job at a time, so every
-# job may use all cores (Snakemake itself keeps 1 thread per small job and runs them in parallel),
-# and a dvc.yaml generated for another grid is refused before anything runs.
+# --- Run by DVC (dvc.yaml's commands set DIFFPRUNE_DVC): DVC runs one stage at a time, so a stage
+# of one job may use all cores; a stage of several seeds keeps 1 thread per small job and runs
+# them side by side, as Snakemake itself does. A dvc.yaml generated for another grid is refused
+# before anything runs.
 import os
 from pathlib import Path
 
 from diffprune.code_deps import library_modules
-from diffprune.dvc_yaml import RUN_ENV, check_fresh, check_params_unchanged
+from diffprune.dvc_yaml import ONE_JOB, RUN_ENV, SEEDS, check_fresh, check_params_unchanged
 
-BY_DVC = os.environ.get(RUN_ENV) == "1"
-SMALL_JOB_THREADS = workflow.cores if BY_DVC else 1
+BY_DVC = os.environ.get(RUN_ENV) in (ONE_JOB, SEEDS)
+SMALL_JOB_THREADS = workflow.cores if os.environ.get(RUN_ENV) == ONE_JOB else 1
 if BY_DVC:
     check_fresh(config, "dvc.yaml")
 
