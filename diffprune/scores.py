@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from diffprune import io
 from diffprune.batches import resolve_num_workers
+from diffprune.defaults import with_defaults
 from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import sample_losses, scoring_batches
@@ -47,14 +48,6 @@ from diffprune.surrogate import (
 )
 
 log = logging.getLogger(__name__)
-
-# Keys of params["scores"] that compute_scores reads, with their defaults (those of params.yaml).
-DEFAULTS: dict[str, Any] = {
-    "el2n_draws": 1,
-    "timestep": 15,
-    "weights": "ema",
-    "num_workers": "auto",
-}
 
 
 def el2n(
@@ -356,7 +349,7 @@ def compute_scores(
 
     surrogate_dir: the full-data surrogate (train_surrogate) for el2n / grand / forgetting, the
     MoSo folder (train_moso_surrogates) for moso. images: the surrogate's training images (uint8
-    NHWC, checked by hash). cfg: params["scores"] (keys in DEFAULTS; others ignored): `timestep`
+    NHWC, checked by hash). cfg: params["scores"] (absent keys: the schema's defaults); `timestep`
     and `weights` apply to el2n and grand only (forgetting reads the raw-weight loss records, MoSo
     the raw weights with one random draw per sample). seed: the per-sample draws. Returns
     (float64 (N,), info) where info["seconds"] is what the scores cost in all: surrogate training
@@ -364,7 +357,7 @@ def compute_scores(
     """
     if name not in SCORES:
         raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORES)}")
-    cfg = {**DEFAULTS, **(cfg or {})}
+    cfg = with_defaults("scores", cfg)
     if cfg["weights"] not in WEIGHTS:
         raise ValueError(f"scores.weights = {cfg['weights']!r}: choose one of {', '.join(WEIGHTS)}")
     surrogate_dir = Path(surrogate_dir)
