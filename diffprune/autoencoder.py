@@ -53,7 +53,9 @@ from tqdm.auto import tqdm
 
 from diffprune import checkpoints, io
 from diffprune.batches import row_batches
+from diffprune.config import pretrained_problem, value_problems
 from diffprune.data import to_model_input, to_uint8
+from diffprune.defaults import with_defaults
 from diffprune.device import resolve_device
 from diffprune.errors import ConfigError, DataError
 
@@ -62,19 +64,6 @@ log = logging.getLogger(__name__)
 INFO = "autoencoder.json"
 CHECKPOINT = checkpoints.LATEST
 SOURCES = ("train", "pretrained")
-LOSSES = ("mse", "l1")
-# Optional keys of params["autoencoder"] and their values when absent.
-DEFAULTS: dict[str, Any] = {
-    "pretrained": None,
-    "subfolder": None,
-    "revision": None,
-    "kl_weight": 1e-6,
-    "loss": "mse",
-    "seed": 0,
-    "device": "auto",
-    "encode_batch_size": 256,
-    "encode_num_workers": "auto",
-}
 TRAIN_KEYS = ("block_channels", "latent_channels", "layers_per_block", "steps", "batch_size", "lr")
 # Keys that cannot change the weights of the steps a checkpoint holds (see the module docstring).
 RESUME_NEUTRAL = (
@@ -88,14 +77,14 @@ LOG_EVERY = 50
 
 # --------------------------------------------------------------------------- config and model
 def resolve_config(cfg: dict) -> dict:
-    """params["autoencoder"] with optional keys filled from DEFAULTS; checks keys and choices."""
-    cfg = {**DEFAULTS, **cfg}
-    if cfg.get("source") not in SOURCES:
-        raise ConfigError(f"autoencoder.source = {cfg.get('source')!r}; allowed: {SOURCES}")
-    if cfg["loss"] not in LOSSES:
-        raise ConfigError(f"autoencoder.loss = {cfg['loss']!r}; allowed: {LOSSES}")
-    if cfg["source"] == "pretrained" and not cfg["pretrained"]:
-        raise ConfigError("autoencoder.pretrained = null: source pretrained needs a folder or id")
+    """params["autoencoder"] with optional keys filled from the schema's defaults; checks keys
+    and values by the schema's and config's rules."""
+    cfg = with_defaults("autoencoder", cfg)
+    if "source" not in cfg:
+        raise ConfigError(f"autoencoder.source is missing; allowed: {', '.join(SOURCES)}")
+    problems = value_problems("autoencoder", cfg) or [pretrained_problem(cfg)]
+    if any(problems):
+        raise ConfigError("\n".join(filter(None, problems)))
     missing = [key for key in TRAIN_KEYS if key not in cfg]
     if cfg["source"] == "train" and missing:
         raise ConfigError(f"autoencoder config is missing {missing}; required to train")

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from diffprune import params_yaml, paths
+from diffprune.defaults import DIT_SIZES, fill, schema
+from diffprune.defaults import SCHEMA as SCHEMA  # tests and tools read the schema's path here
 from diffprune.errors import ConfigError
 from diffprune.names import FULL, Run, feature_key, scores_for
-
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
 
 # Metric names that evaluate writes: `<base>_<space>` per feature space (evaluate_samples,
 # metrics.novelty and metrics.coverage), plus the classifier's class balance (class_balance).
@@ -40,10 +39,6 @@ METRIC_BASES = (
 CLASS_METRICS = ("class_kl", "class_share_min", "class_share_ratio_min")
 # Fashion-MNIST's splits and classes (data/fashion_mnist.py; checked against the files in tests).
 FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
-# Defaults of optional train keys (diffusion.DEFAULTS, DIT_SIZES), not imported so that loading
-# the config does not load torch; tests check that they agree.
-TRAIN_DEFAULTS = {"num_train_timesteps": 1000, "space": "pixel", "dit_size": "S/2"}
-DIT_PATCH = {"S/2": 2, "B/2": 2, "L/2": 2, "XL/2": 2}
 # Folders that Snakemake, DVC and dvclive write, besides the workflow's own (paths.written_folders).
 ENGINE_FOLDERS = ("dvclive", ".snakemake", ".dvc")
 # Sections with a `device` key.
@@ -53,10 +48,11 @@ DEVICE_SECTIONS = ("embed", "cluster", "scores", "train", "autoencoder", "classi
 def load_params(
     path: str | os.PathLike = "params.yaml", *, check_cuda: bool = True
 ) -> dict[str, Any]:
-    """Read and validate a params file; raise ConfigError listing every problem."""
+    """Read and validate a params file; raise ConfigError listing every problem. Returns it with
+    every optional key filled from the schema's defaults (defaults.fill)."""
     params = params_yaml.read(path)
     validate_params(params, source=str(path), check_cuda=check_cuda)
-    return params
+    return fill(params)
 
 
 def validate_params(params: Any, *, source: str = "params.yaml", check_cuda: bool = False) -> None:
@@ -74,6 +70,18 @@ def validate_params(params: Any, *, source: str = "params.yaml", check_cuda: boo
         problems = _semantic_problems(params) + (_device_problems(params) if check_cuda else [])
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+
+
+def value_problems(section: str, cfg: dict[str, Any]) -> list[str]:
+    """The schema's problems with each value that `cfg` (a possibly partial params[`section`])
+    gives, worded as validate_params words them: library entry points called without a validated
+    params file check their arguments by the same rules. Keys the schema does not know pass."""
+    known = schema()["properties"][section]["properties"]
+    given = {key: value for key, value in cfg.items() if key in known}
+    part = {"properties": {section: {"properties": {key: known[key] for key in given}}}}
+    validator = _validator().evolve(schema={**part, "$defs": schema()["$defs"]})
+    errors = validator.iter_errors({section: given})
+    return [_describe(error) for error in sorted(errors, key=lambda e: list(e.absolute_path))]
 
 
 def grid(params: dict[str, Any]) -> list[tuple[Run, int]]:
@@ -106,12 +114,13 @@ def _validator() -> jsonschema.protocols.Validator:
     strict = jsonschema.validators.extend(
         base, type_checker=base.TYPE_CHECKER.redefine("integer", _strict_integer)
     )
-    return strict(yaml.safe_load(SCHEMA.read_text()))
+    return strict(schema())
 
 
 # --------------------------------------------------------------------------- cross-key rules
 def _semantic_problems(params: dict[str, Any]) -> list[str]:
-    """Rules that cross keys, which the schema cannot say."""
+    """Rules that cross keys, which the schema cannot say (on params with the defaults filled)."""
+    params = fill(params)
     return [problem for check in CHECKS for problem in check(params)]
 
 
@@ -215,7 +224,7 @@ def _cluster_problems(params: dict[str, Any]) -> list[str]:
 def _score_problems(params: dict[str, Any]) -> list[str]:
     study, scores, train, problems = params["study"], params["scores"], params["train"], []
     needed = scores_for(study["methods"])
-    space = train.get("space", TRAIN_DEFAULTS["space"])
+    space = train["space"]
     if needed and (train["model"], space) != ("unet2d", "pixel"):
         problems.append(
             f"study.methods has score methods ({', '.join(sorted(needed))}) but train.model = "
@@ -223,7 +232,7 @@ def _score_problems(params: dict[str, Any]) -> list[str]:
             "are pixel-space UNets for now; allowed: model unet2d with space pixel"
         )
     problems += _snapshot_problems(scores)
-    timesteps = train.get("num_train_timesteps", TRAIN_DEFAULTS["num_train_timesteps"])
+    timesteps = train["num_train_timesteps"]
     if scores["timestep"] is not None and scores["timestep"] >= timesteps:
         problems.append(
             f"scores.timestep = {scores['timestep']}: must be < train.num_train_timesteps "
@@ -241,14 +250,29 @@ def _snapshot_problems(scores: dict[str, Any]) -> list[str]:
     ]
 
 
-def _autoencoder_problems(params: dict[str, Any]) -> list[str]:
-    autoencoder = params["autoencoder"]
-    if autoencoder["source"] == "pretrained" and not autoencoder.get("pretrained"):
-        return [
+def pretrained_problem(autoencoder: dict[str, Any]) -> str | None:
+    """The rule that source pretrained names its weights (autoencoder.resolve_config raises it)."""
+    if autoencoder["source"] == "pretrained" and not autoencoder["pretrained"]:
+        return (
             "autoencoder.pretrained = null: source pretrained needs a local folder written by "
             "save_pretrained or a hub id (e.g. stabilityai/sd-vae-ft-ema); or use source train"
-        ]
-    return []
+        )
+    return None
+
+
+def conditional_problem(train: dict[str, Any]) -> str | None:
+    """The rule that only DiT takes class labels (diffusion.resolve_config raises it)."""
+    if train["conditional"] and train["model"] != "dit":
+        return (
+            f"train.conditional = true: needs train.model dit (the {train['model']} is "
+            "unconditional)"
+        )
+    return None
+
+
+def _autoencoder_problems(params: dict[str, Any]) -> list[str]:
+    problem = pretrained_problem(params["autoencoder"])
+    return [problem] if problem else []
 
 
 def _skew_problems(params: dict[str, Any]) -> list[str]:
@@ -299,15 +323,11 @@ def _fashion_skew_problems(skew: dict[str, Any]) -> list[str]:
 
 
 def _model_problems(params: dict[str, Any]) -> list[str]:
-    """DiT's keys and class conditioning (defaults as in diffusion.DEFAULTS)."""
-    train, sample, problems = params["train"], params["sample"], []
-    conditional = train.get("conditional", False)
-    if conditional and train["model"] != "dit":
-        problems.append(
-            f"train.conditional = true: needs train.model dit (the {train['model']} is "
-            "unconditional)"
-        )
-    if train["model"] == "dit" and train.get("dit_size", TRAIN_DEFAULTS["dit_size"]) == "custom":
+    """DiT's keys and class conditioning."""
+    train, sample = params["train"], params["sample"]
+    conditional = train["conditional"]
+    problems = [problem] if (problem := conditional_problem(train)) else []
+    if train["model"] == "dit" and train["dit_size"] == "custom":
         dit = train.get("dit")
         if dit is None:
             problems.append(
@@ -318,7 +338,7 @@ def _model_problems(params: dict[str, Any]) -> list[str]:
                 f"train.dit.width = {dit['width']}: must be divisible by train.dit.heads "
                 f"({dit['heads']})"
             )
-    if sample.get("guidance_scale", 1.0) != 1 and not conditional:
+    if sample["guidance_scale"] != 1 and not conditional:
         problems.append(
             f"sample.guidance_scale = {sample['guidance_scale']}: guidance needs a conditional "
             "model (train.conditional: true); 1 is off"
@@ -331,7 +351,7 @@ def _resolution_problems(params: dict[str, Any]) -> list[str]:
     train, autoencoder = params["train"], params["autoencoder"]
     resolution, subject = train["resolution"], "must"
     size = resolution
-    if train.get("space", TRAIN_DEFAULTS["space"]) == "latent":
+    if train["space"] == "latent":
         if autoencoder["source"] != "train":
             return []  # a pretrained autoencoder's factor is known once it is loaded
         factor = 2 ** (len(autoencoder["block_channels"]) - 1)
@@ -353,16 +373,17 @@ def _network_factor(train: dict[str, Any]) -> tuple[int | None, str]:
     if train["model"] == "unet2d":
         factor = 2 ** (len(train["block_channels"]) - 1)
         return factor, f"2**(len(train.block_channels)-1) = {factor}"
-    size = train.get("dit_size", TRAIN_DEFAULTS["dit_size"])
+    size = train["dit_size"]
     if size != "custom":
-        return DIT_PATCH[size], f"the patch size of DiT-{size} ({DIT_PATCH[size]})"
+        patch = DIT_SIZES[size]["patch"]
+        return patch, f"the patch size of DiT-{size} ({patch})"
     dit = train.get("dit")
     return (dit["patch"], f"train.dit.patch ({dit['patch']})") if dit else (None, "")
 
 
 def _sampling_problems(params: dict[str, Any]) -> list[str]:
     train, steps = params["train"], params["sample"]["steps"]
-    timesteps = train.get("num_train_timesteps", TRAIN_DEFAULTS["num_train_timesteps"])
+    timesteps = train["num_train_timesteps"]
     if train["objective"] == "ddpm" and steps > timesteps:
         return [
             f"sample.steps = {steps}: must be <= train.num_train_timesteps ({timesteps}) with "

@@ -44,25 +44,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from diffprune.config import conditional_problem, value_problems
+from diffprune.defaults import DIT_SIZES, with_defaults
 from diffprune.errors import ConfigError
 
-OBJECTIVES = ("ddpm", "flow")
-
-# Optional keys of params["train"] (the schema does not require them) and their values when absent.
-# `resolve_config` fills them in, so the saved config and its hash always hold every value used.
-DEFAULTS: dict[str, Any] = {
-    "attention": False,
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "weight_decay": 0.0,
-    "mixed_precision": "auto",
-    "device": "auto",
-    "dit_size": "S/2",
-    "dit": None,
-    "conditional": False,
-    "label_dropout": 0.1,
-    "space": "pixel",
-}
 REQUIRED = (
     "model", "objective", "resolution", "steps", "batch_size", "lr", "ema_decay",
     "checkpoint_every", "log_every",
@@ -70,13 +55,6 @@ REQUIRED = (
 # Keys a model needs on top of REQUIRED.
 MODEL_REQUIRED = {"unet2d": ("block_channels", "layers_per_block"), "dit": ()}
 
-# The DiT paper's sizes (Peebles & Xie 2023, table 1); width = heads * head dimension.
-DIT_SIZES: dict[str, dict[str, int]] = {
-    "S/2": {"depth": 12, "width": 384, "heads": 6, "patch": 2},
-    "B/2": {"depth": 12, "width": 768, "heads": 12, "patch": 2},
-    "L/2": {"depth": 24, "width": 1024, "heads": 16, "patch": 2},
-    "XL/2": {"depth": 28, "width": 1152, "heads": 16, "patch": 2},
-}
 DIT_KEYS = ("depth", "width", "heads", "patch")
 
 
@@ -226,26 +204,17 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def resolve_config(cfg: dict) -> dict:
-    """params["train"] with optional keys filled from DEFAULTS; checks keys and choices."""
+    """params["train"] with optional keys filled from the schema's defaults (every key the
+    training reads, so the saved config and its hash hold every value used); checks keys and
+    choices."""
     required = REQUIRED + MODEL_REQUIRED.get(cfg.get("model"), ())
     missing = [key for key in required if key not in cfg]
     if missing:
         raise ConfigError(f"train config is missing {missing}; required keys: {list(required)}")
-    cfg = {**DEFAULTS, **cfg}
-    if cfg["model"] not in MODELS:
-        raise ConfigError(f"train.model {cfg['model']!r} is unknown; choose from {list(MODELS)}")
-    if cfg["objective"] not in OBJECTIVES:
-        raise ConfigError(
-            f"train.objective {cfg['objective']!r} is unknown; choose from {OBJECTIVES}"
-        )
-    if cfg["dit_size"] not in (*DIT_SIZES, "custom"):
-        raise ConfigError(
-            f"train.dit_size {cfg['dit_size']!r} is unknown; choose from {[*DIT_SIZES, 'custom']}"
-        )
-    if cfg["conditional"] and not MODELS[cfg["model"]].class_labels:
-        raise ConfigError(
-            f"train.conditional needs a class-conditional model (dit), not {cfg['model']}"
-        )
+    cfg = with_defaults("train", cfg)
+    problems = value_problems("train", cfg) or [conditional_problem(cfg)]
+    if any(problems):
+        raise ConfigError("\n".join(filter(None, problems)))
     return cfg
 
 

@@ -8,6 +8,7 @@ diffprune.scores).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,27 @@ from tqdm.auto import tqdm
 from diffprune.batches import row_batches
 from diffprune.data import to_model_input
 from diffprune.diffusion import build_scheduler, draw, fixed_timestep, per_sample_loss
+
+
+@dataclass(frozen=True)
+class Draws:
+    """How a score draws and batches its per-sample (noise, t): one value passed down every layer.
+
+    seed, draw_index: sample i's draw is seeded by (seed, sample_id, draw_index). timestep: a
+    DDPM-style index fixing t for every sample (None: t is drawn). batch_size, num_workers: the
+    batches and their loader processes (the draws do not depend on them). progress: a bar.
+    """
+
+    seed: int = 0
+    draw_index: int = 0
+    timestep: int | None = None
+    batch_size: int = 256
+    num_workers: int = 0
+    progress: bool = False
+
+    def with_(self, **changes: Any) -> Draws:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return replace(self, **changes)
 
 
 def fixed_draws(
@@ -101,17 +123,12 @@ def scoring_batches(
     *,
     cfg: dict,
     scheduler: Any,
+    draws: Draws,
     sample_ids: np.ndarray | None = None,
-    seed: int = 0,
-    draw_index: int = 0,
-    timestep: int | None = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    progress: bool = False,
     desc: str = "",
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`batches` for scoring `model`: on its device, in eval mode and float32 (autocast off),
-    with the fixed per-sample draws; the model's mode is restored afterwards."""
+    with the fixed per-sample `draws`; the model's mode is restored afterwards."""
     sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
     device = model_device(model)
     was_training = model.training
@@ -123,13 +140,13 @@ def scoring_batches(
                 resolution=cfg["resolution"],
                 scheduler=scheduler,
                 sample_ids=sample_ids,
-                seed=seed,
-                draw_index=draw_index,
-                timestep=timestep,
-                batch_size=batch_size,
+                seed=draws.seed,
+                draw_index=draws.draw_index,
+                timestep=draws.timestep,
+                batch_size=draws.batch_size,
                 device=device,
-                num_workers=num_workers,
-                progress=progress,
+                num_workers=draws.num_workers,
+                progress=draws.progress,
                 desc=desc,
             )
     finally:
@@ -155,22 +172,26 @@ def sample_losses(
     `cfg` is the train config the model was built from (objective, resolution, scheduler).
     Runs on the model's device, in float32 (autocast off), in eval mode; restores the mode after.
     """
+    draws = Draws(seed, draw_index, timestep, batch_size, num_workers, progress)
+    return losses_under(model, images, cfg=cfg, draws=draws, sample_ids=sample_ids)
+
+
+@torch.no_grad()
+def losses_under(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    draws: Draws,
+    sample_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """`sample_losses` with its draws as one value."""
     scheduler = build_scheduler(cfg)
     out = np.empty(len(images), dtype=np.float64)
     for rows, x0, noise, t in scoring_batches(
-        model,
-        images,
-        cfg=cfg,
-        scheduler=scheduler,
-        sample_ids=sample_ids,
-        seed=seed,
-        draw_index=draw_index,
-        timestep=timestep,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
+        model, images, cfg=cfg, scheduler=scheduler, draws=draws, sample_ids=sample_ids,
         desc="losses",
-    ):
+    ):  # fmt: skip
         loss = per_sample_loss(
             model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
         )

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from diffprune import io
 from diffprune.data import to_uint8
+from diffprune.defaults import with_defaults
 from diffprune.device import resolve_device
 from diffprune.diffusion import MODELS, null_label, resolve_config
 from diffprune.errors import ConfigError, SamplingFailed
@@ -129,7 +130,7 @@ def write_samples(
                 batch_size=cfg["batch_size"],
                 seed=seed,
                 device=device,
-                guidance_scale=cfg.get("guidance_scale", 1.0),
+                guidance_scale=with_defaults("sample", cfg)["guidance_scale"],
             )
         except SamplingFailed as err:
             reason = str(err)

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from diffprune import io
 from diffprune.batches import resolve_num_workers
+from diffprune.defaults import with_defaults
 from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
-from diffprune.draws import sample_losses, scoring_batches
+from diffprune.draws import Draws, losses_under, scoring_batches
 from diffprune.errors import DataError
 from diffprune.names import SCORES
 from diffprune.surrogate import (
@@ -47,14 +48,6 @@ from diffprune.surrogate import (
 )
 
 log = logging.getLogger(__name__)
-
-# Keys of params["scores"] that compute_scores reads, with their defaults (those of params.yaml).
-DEFAULTS: dict[str, Any] = {
-    "el2n_draws": 1,
-    "timestep": 15,
-    "weights": "ema",
-    "num_workers": "auto",
-}
 
 
 def el2n(
@@ -78,23 +71,28 @@ def el2n(
     sample, as the reference does; draws then differ in the noise only.
     `cfg` is the train config the model was built from.
     """
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+    setting = Draws(seed, 0, timestep, batch_size, num_workers, progress)
+    return el2n_under(model, images, cfg=cfg, draws=setting, count=draws, sample_ids=sample_ids)
+
+
+def el2n_under(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    draws: Draws,
+    count: int = 1,
+    sample_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """`el2n` with its draws as one value: the mean loss over draw indices 0 .. count - 1."""
+    if count < 1:
+        raise ValueError(f"draws must be >= 1, got {count}")
     total = np.zeros(len(images), dtype=np.float64)
-    for d in range(draws):
-        total += sample_losses(
-            model,
-            images,
-            cfg=cfg,
-            sample_ids=sample_ids,
-            seed=seed,
-            draw_index=d,
-            timestep=timestep,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
+    for d in range(count):
+        total += losses_under(
+            model, images, cfg=cfg, draws=draws.with_(draw_index=d), sample_ids=sample_ids
         )
-    return total / draws
+    return total / count
 
 
 class _Functional:
@@ -119,16 +117,12 @@ def per_sample_grad_stats(
     images: np.ndarray,
     *,
     cfg: dict,
+    draws: Draws,
     reference: dict[str, torch.Tensor] | None = None,
-    seed: int = 0,
-    timestep: int | None = None,
     sample_ids: np.ndarray | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """|g_i|^2 and <reference, g_i> for every sample: g_i is the gradient of sample i's loss (its
-    fixed draw, with t fixed to `timestep` if given) w.r.t. ALL parameters of `model`.
+    fixed draw, with t fixed to draws.timestep if given) w.r.t. ALL parameters of `model`.
 
     Returns float64 arrays (N,); the second is None without a `reference` (name -> tensor).
     """
@@ -153,18 +147,9 @@ def per_sample_grad_stats(
         # Attention has no vmap batching rule on CPU; torch falls back to a loop and says so.
         warnings.filterwarnings("ignore", message="There is a performance drop")
         for rows, x0, noise, t in scoring_batches(
-            model,
-            images,
-            cfg=cfg,
-            scheduler=scheduler,
-            sample_ids=sample_ids,
-            seed=seed,
-            timestep=timestep,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
+            model, images, cfg=cfg, scheduler=scheduler, draws=draws, sample_ids=sample_ids,
             desc="per-sample gradients",
-        ):
+        ):  # fmt: skip
             grads = per_sample_grads(params, x0, noise, t)
             flat = {name: g.flatten(1) for name, g in grads.items()}
             sq[rows] = _sum64(g.pow(2).sum(1) for g in flat.values())
@@ -194,17 +179,20 @@ def grand(
     """GraNd analogue: L2 norm of the per-sample loss gradient over all parameters (batched).
 
     `timestep` fixes t for every sample as in `el2n`."""
-    sq, _ = per_sample_grad_stats(
-        model,
-        images,
-        cfg=cfg,
-        seed=seed,
-        timestep=timestep,
-        sample_ids=sample_ids,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    draws = Draws(seed, 0, timestep, batch_size, num_workers, progress)
+    return grand_under(model, images, cfg=cfg, draws=draws, sample_ids=sample_ids)
+
+
+def grand_under(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    draws: Draws,
+    sample_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """`grand` with its draws as one value."""
+    sq, _ = per_sample_grad_stats(model, images, cfg=cfg, draws=draws, sample_ids=sample_ids)
     return np.sqrt(sq)
 
 
@@ -222,18 +210,11 @@ def grand_loop(
     scheduler = build_scheduler(cfg)
     params = list(model.parameters())
     out = np.empty(len(images), dtype=np.float64)
+    draws = Draws(seed=seed, timestep=timestep, batch_size=1, progress=progress)
     for rows, x0, noise, t in scoring_batches(
-        model,
-        images,
-        cfg=cfg,
-        scheduler=scheduler,
-        sample_ids=sample_ids,
-        seed=seed,
-        timestep=timestep,
-        batch_size=1,
-        progress=progress,
+        model, images, cfg=cfg, scheduler=scheduler, draws=draws, sample_ids=sample_ids,
         desc="GraNd (loop)",
-    ):
+    ):  # fmt: skip
         loss = per_sample_loss(
             model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
         )[0]
@@ -247,11 +228,8 @@ def mean_gradient(
     images: np.ndarray,
     *,
     cfg: dict,
-    seed: int = 0,
+    draws: Draws,
     sample_ids: np.ndarray | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """g = mean over samples of the per-sample gradients, as parameter name -> tensor.
 
@@ -262,17 +240,9 @@ def mean_gradient(
     names, params = zip(*model.named_parameters(), strict=True)
     total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     for _, x0, noise, t in scoring_batches(
-        model,
-        images,
-        cfg=cfg,
-        scheduler=scheduler,
-        sample_ids=sample_ids,
-        seed=seed,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
+        model, images, cfg=cfg, scheduler=scheduler, draws=draws, sample_ids=sample_ids,
         desc="mean gradient",
-    ):
+    ):  # fmt: skip
         loss = per_sample_loss(
             model, scheduler, x0, noise=noise, timesteps=t, objective=cfg["objective"]
         ).sum()
@@ -315,16 +285,23 @@ def moso(
     Two streaming passes: the subset's mean gradient g, then |g_i|^2 and <g, g_i> per chunk, so no
     (N, parameters) matrix is ever held. compute_scores sums this over snapshots.
     """
-    kwargs = {
-        "cfg": cfg,
-        "seed": seed,
-        "sample_ids": sample_ids,
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-    }
-    g = mean_gradient(model, images, progress=progress, **kwargs)
+    draws = Draws(seed=seed, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    return moso_under(model, images, cfg=cfg, draws=draws, sample_ids=sample_ids)
+
+
+def moso_under(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    draws: Draws,
+    sample_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """`moso` with its draws as one value (the random t of each sample: draws.timestep is None)."""
+    common = {"cfg": cfg, "draws": draws, "sample_ids": sample_ids}
+    g = mean_gradient(model, images, **common)
     mean_sq = float(sum(v.double().pow(2).sum().item() for v in g.values()))
-    sq, dots = per_sample_grad_stats(model, images, reference=g, progress=progress, **kwargs)
+    sq, dots = per_sample_grad_stats(model, images, reference=g, **common)
     return moso_formula(sq, dots, mean_sq, len(images))
 
 
@@ -356,7 +333,7 @@ def compute_scores(
 
     surrogate_dir: the full-data surrogate (train_surrogate) for el2n / grand / forgetting, the
     MoSo folder (train_moso_surrogates) for moso. images: the surrogate's training images (uint8
-    NHWC, checked by hash). cfg: params["scores"] (keys in DEFAULTS; others ignored): `timestep`
+    NHWC, checked by hash). cfg: params["scores"] (absent keys: the schema's defaults); `timestep`
     and `weights` apply to el2n and grand only (forgetting reads the raw-weight loss records, MoSo
     the raw weights with one random draw per sample). seed: the per-sample draws. Returns
     (float64 (N,), info) where info["seconds"] is what the scores cost in all: surrogate training
@@ -364,7 +341,7 @@ def compute_scores(
     """
     if name not in SCORES:
         raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORES)}")
-    cfg = {**DEFAULTS, **(cfg or {})}
+    cfg = with_defaults("scores", cfg)
     if cfg["weights"] not in WEIGHTS:
         raise ValueError(f"scores.weights = {cfg['weights']!r}: choose one of {', '.join(WEIGHTS)}")
     surrogate_dir = Path(surrogate_dir)
@@ -380,34 +357,20 @@ def compute_scores(
     device = resolve_device(device)
     num_workers = resolve_num_workers(cfg["num_workers"], device, key="scores.num_workers")
     start = time.perf_counter()
+    draws = Draws(seed=seed, batch_size=batch_size, num_workers=num_workers, progress=progress)
     if name == "forgetting":
         if not (surrogate_dir / LOSSES).exists():
             raise DataError(f"{surrogate_dir} has no {LOSSES}; train it with record_losses=True")
         scores = forgetting(np.load(surrogate_dir / LOSSES))
     elif name == "moso":
-        scores = _moso_all(
-            surrogate_dir,
-            images,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            progress=progress,
-        )
+        scores = _moso_all(surrogate_dir, images, draws=draws, device=device)
     else:
         model = load_snapshot(surrogate_dir, weights=cfg["weights"], device=device)
-        kwargs = {
-            "cfg": meta["cfg"],
-            "seed": seed,
-            "timestep": cfg["timestep"],
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "progress": progress,
-        }
+        at = {"cfg": meta["cfg"], "draws": draws.with_(timestep=cfg["timestep"])}
         if name == "el2n":
-            scores = el2n(model, images, draws=cfg["el2n_draws"], **kwargs)
+            scores = el2n_under(model, images, count=cfg["el2n_draws"], **at)
         else:
-            scores = grand(model, images, **kwargs)
+            scores = grand_under(model, images, **at)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     scoring = time.perf_counter() - start
@@ -433,31 +396,23 @@ def _moso_all(
     moso_dir: Path,
     images: np.ndarray,
     *,
-    seed: int,
-    batch_size: int,
-    num_workers: int,
+    draws: Draws,
     device: torch.device,
-    progress: bool,
 ) -> np.ndarray:
     """MoSo of every sample: scored in its own subset by that subset's surrogate, summed over the
     surrogate's snapshots."""
     subsets = np.load(moso_dir / SUBSETS)
     scores = np.zeros(len(images), dtype=np.float64)
-    for k in tqdm(range(int(subsets.max()) + 1), desc="MoSo subsets", disable=not progress):
+    quiet = draws.with_(progress=False)
+    bar = tqdm(range(int(subsets.max()) + 1), desc="MoSo subsets", disable=not draws.progress)
+    for k in bar:
         sub_dir = moso_dir / f"subset_{k}"
         sub_meta = io.load_json(sub_dir / META)
         ids = np.flatnonzero(subsets == k)
         subset_images = np.asarray(images[ids])
         for step in sub_meta["snapshot_steps"]:
             model = load_snapshot(sub_dir, step, device=device)
-            scores[ids] += moso(
-                model,
-                subset_images,
-                cfg=sub_meta["cfg"],
-                seed=seed,
-                sample_ids=ids,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                progress=False,
+            scores[ids] += moso_under(
+                model, subset_images, cfg=sub_meta["cfg"], draws=quiet, sample_ids=ids
             )
     return scores

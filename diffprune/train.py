@@ -111,13 +111,6 @@ from diffprune.train_data import KeptRows, StepPrefetch
 log = logging.getLogger(__name__)
 
 CHECKPOINT = checkpoints.LATEST
-# The loop's switches (optional params train.* keys) and their values when absent.
-LOOP_DEFAULTS: dict[str, bool | str] = {
-    "tf32": True,
-    "fused_adamw": "auto",
-    "compile": False,
-    "data_on_device": "auto",
-}
 # Keys that cannot change the trained weights, so changing them does not invalidate a checkpoint
 # (data_on_device: both ways give the same bytes, tested).
 RESUME_NEUTRAL = ("checkpoint_every", "log_every", "data_on_device")
@@ -156,7 +149,7 @@ def train(
     Returns the train.json summary. Raises `TrainingDiverged` on a non-finite loss or weights.
     """
     start_time = time.perf_counter()
-    cfg = _loop_config(resolve_config(cfg))
+    cfg = resolve_config(cfg)  # every key filled from the schema's defaults, values checked
     data = train_data.kept_rows(images, latents, latent, rows, resolution=cfg["resolution"])
     if cfg["conditional"]:
         _check_labels(labels, num_classes, len(data))
@@ -472,18 +465,6 @@ def _accelerator(cfg: dict) -> Accelerator:
         # (as accelerate's own test utilities do).
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-
-
-def _loop_config(cfg: dict) -> dict:
-    """`cfg` with the loop's switches filled from LOOP_DEFAULTS, checked (for callers that skip
-    params.yaml's schema)."""
-    cfg = {**LOOP_DEFAULTS, **cfg}
-    for key in LOOP_DEFAULTS:
-        auto = key in ("fused_adamw", "data_on_device")
-        if not (isinstance(cfg[key], bool) or (auto and cfg[key] == "auto")):
-            allowed = "auto, true, false" if auto else "true, false"
-            raise ConfigError(f"train.{key} = {cfg[key]!r} is not allowed; allowed: {allowed}")
-    return cfg
 
 
 @contextmanager

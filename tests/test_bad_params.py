@@ -13,6 +13,7 @@ from diffprune import config
 from diffprune.config import load_params, metric_names, validate_params
 from diffprune.errors import ConfigError
 from diffprune.metrics import PR_K
+from tests.conftest import TINY_UNET as TINY_TRAIN
 from tests.test_config import DELETE, params
 
 CLASSIFIER_FREE = {
@@ -251,11 +252,46 @@ def test_metric_names_cover_the_report_descriptions():
     assert set(DESCRIPTIONS) <= {*config.METRIC_BASES, *config.CLASS_METRICS}
 
 
-def test_restated_defaults_agree_with_the_stages():
-    from diffprune import diffusion
+def test_each_default_is_written_once_in_the_schema_and_used_by_the_library():
+    """The schema's `default:` entries are the only defaults: no module keeps a DEFAULTS table,
+    a partial section gets them in the library as in load_params, and every default passes the
+    schema it stands in."""
+    from diffprune import autoencoder, defaults, diffusion, scores, train
 
-    assert {k: diffusion.DEFAULTS[k] for k in config.TRAIN_DEFAULTS} == config.TRAIN_DEFAULTS
-    assert {k: v["patch"] for k, v in diffusion.DIT_SIZES.items()} == config.DIT_PATCH
+    for module in (config, diffusion, autoencoder, scores, train):
+        assert not [n for n in vars(module) if n.endswith("DEFAULTS")], module.__name__
+    assert defaults.defaults("scores") == {
+        "el2n_draws": 1, "timestep": 15, "weights": "ema", "num_workers": "auto",
+    }  # fmt: skip
+    partial = {k: v for k, v in diffusion.resolve_config(TINY_TRAIN).items() if k in TINY_TRAIN}
+    assert partial == TINY_TRAIN
+    filled = diffusion.resolve_config(TINY_TRAIN)
+    assert filled == {**defaults.defaults("train"), **TINY_TRAIN}
+    ae = autoencoder.resolve_config({"source": "pretrained", "pretrained": "x"})
+    assert {k: ae[k] for k in defaults.defaults("autoencoder")} == {
+        **defaults.defaults("autoencoder"),
+        "pretrained": "x",
+    }
+    params = config.load_params("params.yaml", check_cuda=False)
+    for section, values in params.items():
+        given = defaults.defaults(section) if isinstance(values, dict) else {}
+        assert not config.value_problems(section, given), section
+        assert set(given) <= set(values), section
+
+
+def test_library_rules_are_the_config_rules():
+    """One wording per rule: a library caller that skips params.yaml gets the schema's and
+    config's message, not a second copy of the rule."""
+    from diffprune import autoencoder, diffusion
+
+    with pytest.raises(ConfigError, match=r"^train\.conditional = true: needs train\.model dit"):
+        diffusion.resolve_config({**TINY_TRAIN, "conditional": True})
+    with pytest.raises(ConfigError, match=r"^autoencoder\.pretrained = null: source pretrained"):
+        autoencoder.resolve_config({"source": "pretrained"})
+    with pytest.raises(
+        ConfigError, match=r"train\.objective = 'edm' is not allowed; allowed: ddpm"
+    ):
+        diffusion.resolve_config({**TINY_TRAIN, "objective": "edm"})
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

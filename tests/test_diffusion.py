@@ -76,11 +76,11 @@ def test_build_model_is_seeded_by_global_rng():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"model": "vit"}, "train.model 'vit' is unknown"),
-        ({"objective": "edm"}, "train.objective 'edm' is unknown"),
+        ({"model": "vit"}, "train.model = 'vit' is not allowed; allowed: unet2d, dit"),
+        ({"objective": "edm"}, "train.objective = 'edm' is not allowed"),
         ({"resolution": 6, "block_channels": [8, 16, 32]}, "input size 6 .* must be divisible"),
-        ({"conditional": True}, "train.conditional needs a class-conditional model"),
-        ({"model": "dit", "dit_size": "M/3"}, "train.dit_size 'M/3' is unknown"),
+        ({"conditional": True}, "train.conditional = true: needs train.model dit"),
+        ({"model": "dit", "dit_size": "M/3"}, "train.dit_size = 'M/3' is not allowed"),
         ({"model": "dit", "dit_size": "custom"}, "train.dit_size custom needs train.dit"),
         ({"model": "dit", "dit_size": "custom", "dit": {**TINY_DIT, "heads": 3}}, "divisible by"),
         ({"model": "dit", "dit_size": "custom", "resolution": 7, "dit": TINY_DIT}, "patch size 2"),

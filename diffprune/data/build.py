@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +37,6 @@ from diffprune.errors import ConfigError
 from diffprune.io import provenance
 
 SPLITS = ("train", "test")
-SOURCES = ("fashion-mnist", "imagefolder", "huggingface")
 # the workflow's reference statistics of a split (metrics.reference_neighbours) need k + 1 rows
 # for precision/recall's k = metrics.PR_K nearest neighbours (tests/test_data.py checks both agree)
 MIN_SPLIT_IMAGES = 4
@@ -149,57 +151,15 @@ def build_store(
         "image_size": image_size, "channels": channels, "hf_name": hf_name, "hf_split": hf_split,
         "label_column": label_column, "fingerprint": fingerprint,
     }  # fmt: skip
-    inputs: dict[str, Path] = {}
-    hf_commit: str | None = None
-    class_names: list[str] | None = None
-    bad: list[tuple[str, str]] = []
-    holdout = False
-    dataset_name = source
-    if source == "fashion-mnist":
-        files = fashion_mnist_files(split, path=path, download=download, cache_dir=cache_dir)
-        images, labels, sources = read_fashion_mnist(files, split)
-        inputs = dict(files)
-        class_names = list(FASHION_MNIST_CLASSES)
-    elif source == "imagefolder":
-        if path is None:
-            raise ConfigError("source imagefolder needs data.path (a folder of images)")
-        test_folder = None if test_path is None else Path(test_path)
-        folder, holdout = imagefolder_root(Path(path), split, test_folder)
-        images, labels, sources, class_names, bad = load_imagefolder(
-            folder,
-            image_size=image_size,
-            channels=channels or 3,
-            progress=progress,
-            scratch=_scratch_dir(out_dir, recipe),
+    read = READERS[source](
+        SourceRequest(
+            out_dir=Path(out_dir), split=split, path=path, test_path=test_path,
+            download=download, image_size=image_size, channels=channels, hf_name=hf_name,
+            hf_split=hf_split, hf_revision=hf_revision, label_column=label_column,
+            cache_dir=cache_dir, progress=progress, recipe=recipe,
         )
-        if split == "test" and not holdout and class_names is not None:
-            train_folder = imagefolder_root(Path(path), "train", test_folder)[0]
-            train_classes = folder_classes(list_images(train_folder))
-            labels, class_names = align_classes(labels, class_names, train_classes, folder)
-        # name files relative to data.path, so train/x.png and test/x.png stay distinct
-        sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
-        if sub != ".":
-            sources = [f"{sub}/{s}" for s in sources]
-            bad = [(f"{sub}/{b}", reason) for b, reason in bad]
-        # no content hash of the folder: `source_fingerprint` (the stat of every file the split
-        # reads) identifies it, and DVC hashes the folder as the stage's dep; hashing here would
-        # read every byte a second time (150 GB for ImageNet)
-        dataset_name = Path(path).resolve().name
-    else:
-        if hf_name is None:
-            raise ConfigError("source huggingface needs data.hf_name (e.g. 'jxie/celeba-hq')")
-        hf_commit = resolve_revision(hf_name, hf_revision)
-        images, labels, sources, class_names, bad = load_huggingface(
-            hf_name,
-            hf_split or split,
-            image_size=image_size,
-            channels=channels or 3,
-            label_column=label_column,
-            revision=hf_commit,
-            progress=progress,
-            scratch=_scratch_dir(out_dir, recipe | {"hf_commit": hf_commit}),
-        )
-        dataset_name = hf_name
+    )  # fmt: skip
+    images, labels, sources, holdout = read.images, read.labels, read.sources, read.holdout
     order = np.arange(len(images))
     if holdout:
         in_test = holdout_mask(len(images), test_fraction=test_fraction, seed=seed)
@@ -230,16 +190,16 @@ def build_store(
         }
     )
     meta = {
-        "dataset": dataset_name,
+        "dataset": read.dataset_name,
         "source": source,
         "split": split,
         "shape": list(shape),
         "num_samples": len(order),
         "image_size": image_size,
         "channels": int(out_channels),
-        "class_names": class_names,
+        "class_names": read.class_names,
         "holdout": holdout,
-        "bad_images": [{"path": p, "reason": r} for p, r in bad],
+        "bad_images": [{"path": p, "reason": r} for p, r in read.bad],
         "provenance": provenance(
             params={
                 "source": source,
@@ -256,9 +216,9 @@ def build_store(
                 "label_column": label_column,
                 "test_fraction": test_fraction if holdout else None,
             },
-            inputs=inputs,
+            inputs=read.inputs,
         )
-        | {"source_fingerprint": fingerprint, "hf_commit": hf_commit},
+        | {"source_fingerprint": fingerprint, "hf_commit": read.hf_commit},
     }
     write_store(out_dir, batches, shape, index, meta)
     for scratch in Path(out_dir).glob(".decoding-*"):
@@ -272,3 +232,103 @@ def _scratch_dir(out_dir, recipe: dict) -> Path:
     """
     text = json.dumps(recipe, sort_keys=True, default=str)
     return Path(out_dir) / f".decoding-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a source reader needs: build_store's arguments that say where and how to read."""
+
+    out_dir: Path
+    split: str
+    path: Any
+    test_path: Any
+    download: bool
+    image_size: int
+    channels: int | None
+    hf_name: str | None
+    hf_split: str | None
+    hf_revision: str | None
+    label_column: str | None
+    cache_dir: Any
+    progress: bool
+    recipe: dict
+
+
+@dataclass
+class SourceImages:
+    """One split as a source reader returns it, before the subset and the store are made."""
+
+    images: np.ndarray
+    labels: Any
+    sources: list[str]
+    class_names: list[str] | None
+    dataset_name: str
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    inputs: dict[str, Path] = field(default_factory=dict)
+    holdout: bool = False
+    hf_commit: str | None = None
+
+
+def _read_fashion_mnist(req: SourceRequest) -> SourceImages:
+    files = fashion_mnist_files(
+        req.split, path=req.path, download=req.download, cache_dir=req.cache_dir
+    )
+    images, labels, sources = read_fashion_mnist(files, req.split)
+    return SourceImages(
+        images, labels, sources, list(FASHION_MNIST_CLASSES), "fashion-mnist", inputs=dict(files)
+    )
+
+
+def _read_imagefolder(req: SourceRequest) -> SourceImages:
+    if req.path is None:
+        raise ConfigError("source imagefolder needs data.path (a folder of images)")
+    path, split = req.path, req.split
+    test_folder = None if req.test_path is None else Path(req.test_path)
+    folder, holdout = imagefolder_root(Path(path), split, test_folder)
+    images, labels, sources, class_names, bad = load_imagefolder(
+        folder,
+        image_size=req.image_size,
+        channels=req.channels or 3,
+        progress=req.progress,
+        scratch=_scratch_dir(req.out_dir, req.recipe),
+    )
+    if split == "test" and not holdout and class_names is not None:
+        train_folder = imagefolder_root(Path(path), "train", test_folder)[0]
+        train_classes = folder_classes(list_images(train_folder))
+        labels, class_names = align_classes(labels, class_names, train_classes, folder)
+    # name files relative to data.path, so train/x.png and test/x.png stay distinct
+    sub = folder.relative_to(path).as_posix() if folder.is_relative_to(path) else "."
+    if sub != ".":
+        sources = [f"{sub}/{s}" for s in sources]
+        bad = [(f"{sub}/{b}", reason) for b, reason in bad]
+    # no content hash of the folder: `source_fingerprint` (the stat of every file the split
+    # reads) identifies it, and DVC hashes the folder as the stage's dep; hashing here would
+    # read every byte a second time (150 GB for ImageNet)
+    name = Path(path).resolve().name
+    return SourceImages(images, labels, sources, class_names, name, bad, holdout=holdout)
+
+
+def _read_huggingface(req: SourceRequest) -> SourceImages:
+    if req.hf_name is None:
+        raise ConfigError("source huggingface needs data.hf_name (e.g. 'jxie/celeba-hq')")
+    hf_commit = resolve_revision(req.hf_name, req.hf_revision)
+    images, labels, sources, class_names, bad = load_huggingface(
+        req.hf_name,
+        req.hf_split or req.split,
+        image_size=req.image_size,
+        channels=req.channels or 3,
+        label_column=req.label_column,
+        revision=hf_commit,
+        progress=req.progress,
+        scratch=_scratch_dir(req.out_dir, req.recipe | {"hf_commit": hf_commit}),
+    )
+    return SourceImages(images, labels, sources, class_names, req.hf_name, bad, hf_commit=hf_commit)
+
+
+# data.source -> the function that reads one split of it
+READERS: dict[str, Callable[[SourceRequest], SourceImages]] = {
+    "fashion-mnist": _read_fashion_mnist,
+    "imagefolder": _read_imagefolder,
+    "huggingface": _read_huggingface,
+}
+SOURCES = tuple(READERS)
