@@ -10,6 +10,7 @@ from diffprune.data import to_model_input
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import batches, fixed_draws, sample_losses
 from diffprune.errors import DataError
+from diffprune.model_folder import load_model
 from diffprune.scores import (
     compute_scores,
     el2n,
@@ -25,7 +26,6 @@ from diffprune.surrogate import (
     train_moso_surrogates,
     train_surrogate,
 )
-from diffprune.train import load_model
 
 # compute_scores' params for the last raw snapshot with one random draw per sample (the defaults
 # are the EMA weights at timestep 15): its EL2N is then the last loss record.
