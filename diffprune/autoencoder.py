@@ -1,32 +1,9 @@
-"""The latent space of the paper's DiT: a KL autoencoder (diffusers ``AutoencoderKL``), trained
-here or copied from a pretrained one, and the one-time encoding of the training images.
+"""The latent space of the paper's DiT: a KL autoencoder (diffusers ``AutoencoderKL``), its
+folder, the measurements of it and the one-time encoding of the training images.
+(Training it and the ``autoencoder`` stage: diffprune.autoencoder_train.)
 
-Stage ``autoencoder`` (``prepare_autoencoder``) writes one folder that the rest of the pipeline
-reads, whatever the source:
-
-- ``source: train``: a small AutoencoderKL trained on the training images (``train_autoencoder``);
-- ``source: pretrained``: a copy of a pretrained AutoencoderKL, from a local folder or a hub id
-  such as ``stabilityai/sd-vae-ft-ema`` (the paper's alternative; hub ids need network access).
-
-The folder holds diffusers' ``save_pretrained`` files (``load_autoencoder`` reads it, the same
-code path as a hub id) plus ``autoencoder.json``: source, cfg, seed, resolution, latent shape,
-down-sampling factor, the latent scale factor, held-out reconstruction quality, wall seconds and
-the code version.
-
-Latent scale: diffusion models expect inputs of about unit variance, so the DiT trains on
-``latents * scale_factor`` and decodes ``latents / scale_factor``. ``scale_factor = 1 / std`` of
-the training latents, MEASURED on a seeded subset of the training images (Stable Diffusion's
-0.18215 is the same idea, measured once on its own data). It is also written into the saved
-config's ``scaling_factor``, so the folder is self-describing for diffusers tools too.
-
-Training loss: LDM's KL autoencoder without its perceptual (LPIPS) and adversarial terms, whose
-pretrained weights cannot be had offline. Per image, the reconstruction error (squared or
-absolute) summed over pixels plus ``kl_weight`` times KL(q(z|x) || N(0, I)) summed over latent
-elements, averaged over the batch; ``kl_weight: 1e-6`` is LDM's value for this normalisation. The
-decoder sees a posterior sample. Every random draw (batch rows, posterior noise) comes from a CPU
-generator seeded by (seed, step), so a run is reproducible and resuming is exact: a checkpoint
-holds the weights, the optimizer and the step, nothing else. The learning rate is constant, so
-``steps`` is not part of a checkpoint's key: a longer run resumes a shorter one's checkpoint.
+An autoencoder folder holds diffusers' ``save_pretrained`` files (``load_autoencoder`` reads it,
+the same code path as a hub id) plus ``autoencoder.json`` (``autoencoder_info``).
 
 Encoding: the cached latents are the posterior MEAN, not a sample. They are computed once and
 reused by every run and seed, so a sample would freeze one arbitrary noise draw into all of them;
@@ -35,8 +12,6 @@ the mean is deterministic, and with ``kl_weight: 1e-6`` the posterior std is tin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -44,14 +19,13 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from diffprune import checkpoints, io
+from diffprune import io
 from diffprune.batches import row_batches
 from diffprune.config import pretrained_problem, value_problems
 from diffprune.data import to_model_input, to_uint8
@@ -62,17 +36,9 @@ from diffprune.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 INFO = "autoencoder.json"
-CHECKPOINT = checkpoints.LATEST
 SOURCES = ("train", "pretrained")
 TRAIN_KEYS = ("block_channels", "latent_channels", "layers_per_block", "steps", "batch_size", "lr")
-# Keys that cannot change the weights of the steps a checkpoint holds (see the module docstring).
-RESUME_NEUTRAL = (
-    "steps", "device", "encode_batch_size", "encode_num_workers", "pretrained", "subfolder",
-    "revision",
-)  # fmt: skip
-HOLDOUT_FRACTION = 0.05  # the last 5% of the images: not trained on, reconstruction measured there
 SCALE_IMAGES = 10_000  # at most this many training images measure the latent scale
-LOG_EVERY = 50
 
 
 # --------------------------------------------------------------------------- config and model
@@ -148,151 +114,6 @@ def autoencoder_info(folder: str | os.PathLike) -> dict:
     return io.load_json(path)
 
 
-# --------------------------------------------------------------------------- stage entry point
-def prepare_autoencoder(
-    cfg: dict,
-    *,
-    images: np.ndarray,
-    resolution: int,
-    seed: int,
-    out_dir: str | os.PathLike,
-    test_images: np.ndarray | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train (source train) or copy (source pretrained) the autoencoder into `out_dir`.
-
-    Reconstruction is measured on `test_images`, or else on the last 5% of `images` (which
-    training then leaves out). Returns the autoencoder.json record.
-    """
-    cfg = resolve_config(cfg)
-    if cfg["source"] == "train":
-        return train_autoencoder(
-            images,
-            cfg=cfg,
-            resolution=resolution,
-            seed=seed,
-            out_dir=out_dir,
-            test_images=test_images,
-            checkpoint_dir=checkpoint_dir,
-            progress=progress,
-        )
-    start = time.perf_counter()
-    _check_images(images)
-    ae = load_autoencoder(cfg["pretrained"], subfolder=cfg["subfolder"], revision=cfg["revision"])
-    _check_channels(ae, images.shape[-1])
-    _, held_out = _split(images, test_images)
-    record = {
-        "source": str(cfg["pretrained"]),
-        "pretrained_scaling_factor": ae.config.scaling_factor,
-        **_measure(ae, images, held_out, cfg=cfg, resolution=resolution, seed=seed),
-    }
-    return _save(ae, out_dir, record, cfg=cfg, seed=seed, start=start)
-
-
-def train_autoencoder(
-    images: np.ndarray,
-    *,
-    cfg: dict,
-    resolution: int,
-    seed: int,
-    out_dir: str | os.PathLike,
-    test_images: np.ndarray | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 250,
-    progress: bool = True,
-) -> dict:
-    """Train an AutoencoderKL on `images` (uint8 NHWC) resized to `resolution`; write `out_dir`.
-
-    With `checkpoint_dir`, the state is saved every `checkpoint_every` steps and at the end, and a
-    new call resumes from it when it belongs to the same run; it is deleted once `out_dir` is
-    written. Returns the autoencoder.json record. Raises `TrainingDiverged` on a non-finite loss
-    or non-finite weights.
-    """
-    start = time.perf_counter()
-    cfg = resolve_config({**cfg, "source": "train"})
-    _check_images(images)
-    train_images, held_out = _split(images, test_images)
-    device = resolve_device(cfg["device"], key="autoencoder.device")
-    torch.manual_seed(seed)  # weight initialisation
-    ae = build_autoencoder(cfg, in_channels=images.shape[-1])
-    latent_shape(ae, resolution)  # fails fast on a resolution the factor does not divide
-    ae.to(device).train()
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=cfg["lr"], weight_decay=0.0)
-
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    key = _run_key(cfg, seed=seed, resolution=resolution, images=train_images)
-    first_step, history, past_seconds = _resume(checkpoint, key, cfg["steps"], ae, optimizer)
-    last_good = first_step or None
-    n_params = sum(p.numel() for p in ae.parameters())
-    log.info(
-        "training an autoencoder (%d parameters) on %d images at %d px for %d steps, batch %d, %s",
-        n_params, len(train_images), resolution, cfg["steps"], cfg["batch_size"], device,
-    )  # fmt: skip
-
-    running, count = torch.zeros((), device=device), 0
-    bar = tqdm(
-        range(first_step + 1, cfg["steps"] + 1),
-        initial=first_step,
-        total=cfg["steps"],
-        desc="autoencoder",
-        disable=not progress,
-    )
-    for step in bar:
-        generator = _step_generator(seed, step)
-        rows = torch.randint(0, len(train_images), (cfg["batch_size"],), generator=generator)
-        x = to_model_input(train_images[rows.numpy()], resolution).to(device)
-        loss = _loss(ae, x, cfg=cfg, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running += loss.detach()
-        count += 1
-        save_now = checkpoint is not None and step % checkpoint_every == 0
-        if step % LOG_EVERY == 0 or step == cfg["steps"] or save_now:
-            mean_loss = (running / count).item()
-            if not math.isfinite(mean_loss):
-                raise checkpoints.diverged(
-                    step,
-                    f"mean loss {mean_loss}",
-                    last_good=last_good,
-                    checkpoint=checkpoint,
-                    name="autoencoder training",
-                )
-            running.zero_()
-            count = 0
-            history.append((step, mean_loss))
-            bar.set_postfix(loss=f"{mean_loss:.4g}")
-            log.info("step %d/%d loss %.5g", step, cfg["steps"], mean_loss)
-        if checkpoint is not None and (save_now or step == cfg["steps"]):
-            if not checkpoints.all_finite(ae):
-                raise checkpoints.diverged(
-                    step,
-                    "non-finite weights",
-                    last_good=last_good,
-                    checkpoint=checkpoint,
-                    name="autoencoder training",
-                )
-            wall = past_seconds + time.perf_counter() - start
-            _save_checkpoint(checkpoint, key, step, ae, optimizer, history, wall)
-            last_good = step
-
-    ae.eval()
-    record = {
-        "source": "train",
-        "steps": cfg["steps"],
-        "resumed_from_step": first_step,
-        "final_loss": history[-1][1] if history else None,
-        "history": history,
-        "parameters": n_params,
-        **_measure(ae, images, held_out, cfg=cfg, resolution=resolution, seed=seed),
-    }
-    summary = _save(ae, out_dir, record, cfg=cfg, seed=seed, start=start - past_seconds)
-    if checkpoint is not None:
-        checkpoints.remove(checkpoint.parent)
-    return summary
-
-
 # --------------------------------------------------------------------------- measurements
 def measure_scale_factor(
     ae: AutoencoderKL,
@@ -304,7 +125,11 @@ def measure_scale_factor(
     batch_size: int = 256,
     device: str = "auto",
 ) -> tuple[float, int]:
-    """(1 / std of the latents of a seeded subset of up to `max_images` images, subset size)."""
+    """(1 / std of the latents of a seeded subset of up to `max_images` images, subset size).
+
+    Diffusion models expect inputs of about unit variance, so the DiT trains on ``latents *
+    scale_factor`` and decodes ``latents / scale_factor``. The factor is MEASURED on the training
+    images (Stable Diffusion's 0.18215 is the same idea, measured once on its own data)."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(images), size=min(len(images), max_images), replace=False))
     total, squares, count = 0.0, 0.0, 0
@@ -490,72 +315,6 @@ def _check_channels(ae: AutoencoderKL, channels: int) -> None:
         )
 
 
-def _split(images: np.ndarray, test_images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(images to train on, images to measure reconstruction on)."""
-    if test_images is not None:
-        _check_images(test_images)
-        return images, test_images
-    held = math.ceil(len(images) * HOLDOUT_FRACTION)
-    if len(images) - held < 1:
-        raise DataError(f"{len(images)} image(s): too few to hold out {held} and train on the rest")
-    return images[: len(images) - held], images[len(images) - held :]
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step)."""
-    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def _loss(ae: AutoencoderKL, x: torch.Tensor, *, cfg: dict, generator: torch.Generator):
-    """Batch mean of (reconstruction error summed over pixels + kl_weight * KL summed)."""
-    posterior = ae.encode(x).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
-    recon = ae.decode(posterior.mean + posterior.std * noise).sample
-    error = (recon - x).square() if cfg["loss"] == "mse" else (recon - x).abs()
-    return (error.sum(dim=(1, 2, 3)) + cfg["kl_weight"] * posterior.kl()).mean()
-
-
-def _measure(
-    ae: AutoencoderKL, images, held_out, *, cfg: dict, resolution: int, seed: int
-) -> dict[str, Any]:
-    """The part of autoencoder.json that both sources measure the same way."""
-    kwargs = {"batch_size": cfg["encode_batch_size"], "device": cfg["device"]}
-    scale, n_scale = measure_scale_factor(ae, images, resolution=resolution, seed=seed, **kwargs)
-    quality = reconstruction_error(ae, held_out, resolution=resolution, **kwargs)
-    return {
-        "resolution": resolution,
-        "image_channels": int(images.shape[-1]),
-        "latent_shape": list(latent_shape(ae, resolution)),
-        "downsampling_factor": downsampling_factor(ae),
-        "scale_factor": scale,
-        "scale_images": n_scale,
-        "reconstruction": {**quality, "n_images": len(held_out)},
-        "device": str(ae.device),
-    }
-
-
-def _save(ae: AutoencoderKL, out_dir, record: dict, *, cfg: dict, seed: int, start: float) -> dict:
-    """Write the folder atomically: save_pretrained files (with the measured scaling_factor) and
-    autoencoder.json."""
-    ae.register_to_config(scaling_factor=record["scale_factor"])
-    record = {
-        **record,
-        "cfg": cfg,
-        "seed": seed,
-        "wall_seconds": time.perf_counter() - start,
-        "code_version": io.code_version(),
-    }
-    with io.atomic_path(out_dir, directory=True) as tmp:
-        ae.to("cpu").save_pretrained(tmp)
-        io.save_json(tmp / INFO, record)
-    log.info(
-        "wrote %s: scale factor %.5g, held-out PSNR %.2f dB",
-        out_dir, record["scale_factor"], record["reconstruction"]["psnr"],
-    )  # fmt: skip
-    return record
-
-
 def _on_autoencoder(ae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     """to_model_input's output on the autoencoder's device and in its dtype; gray images
     repeated to RGB for an RGB model."""
@@ -618,41 +377,3 @@ def _fill(out, ae, images, resolution, batch_size, device, num_workers, progress
         ae, images, None, resolution, batch_size, device, progress, num_workers=num_workers
     ):
         out[where] = z.numpy().astype(np.float16)
-
-
-def _run_key(cfg: dict, *, seed: int, resolution: int, images: np.ndarray) -> dict:
-    """What a checkpoint must match to be resumed."""
-    relevant = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL}
-    digest = hashlib.sha256(f"{images.shape}".encode())
-    digest.update(np.ascontiguousarray(images).data)
-    return {
-        "cfg_sha256": hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest(),
-        "seed": seed,
-        "resolution": resolution,
-        "images_sha256": digest.hexdigest(),
-    }
-
-
-def _resume(
-    checkpoint: Path | None, key: dict, steps: int, ae: AutoencoderKL, optimizer
-) -> tuple[int, list[tuple[int, float]], float]:
-    """Load this run's checkpoint into `ae` and `optimizer`, if there is one: (step, loss
-    history, wall seconds so far); (0, [], 0.0) otherwise."""
-    state = checkpoints.load(checkpoint.parent, key, max_step=steps) if checkpoint else None
-    if state is None:
-        return 0, [], 0.0
-    ae.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"], [tuple(row) for row in state["history"]], state["wall_seconds"]
-
-
-def _save_checkpoint(path: Path, key, step, ae, optimizer, history, wall_seconds) -> None:
-    state = {
-        "key": key,
-        "step": step,
-        "model": ae.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "history": history,
-        "wall_seconds": wall_seconds,
-    }
-    checkpoints.save(path.parent, state)

@@ -1,5 +1,13 @@
-"""Resumable training checkpoints and the divergence check, shared by the training loops
-(diffusion models in diffprune.train, autoencoders in diffprune.autoencoder).
+"""A resumable training run: its run key, seeded step draws, lock, rotated checkpoints, resume
+and divergence checks, shared by every training loop (diffusion models and surrogates in
+diffprune.train, autoencoders in diffprune.autoencoder_train) through `Run`, so each gets them
+the same way.
+
+Every random draw of a step comes from a CPU generator seeded by the run's seed and the step
+(`step_generator`): a step depends on nothing else, so resuming is exact without saving sampler
+state. A checkpoint carries the run's key (`run_key`: a hash of the config without the keys that
+cannot change the weights, plus what else the run depends on); a new call resumes only from a
+checkpoint with the same key.
 
 A checkpoint folder holds ``latest.pt`` and, after the second save, ``previous.pt`` (the save
 before it). Each is written atomically and fsynced (``diffprune.io``). A checkpoint that cannot
@@ -10,6 +18,12 @@ differs.
 
 A run holds an exclusive lock on ``lock`` in its checkpoint folder while it trains, so two
 processes never train the same run at once (a rerun while an orphaned job still trains refuses).
+
+Divergence: the loops do not sync with the device every step, so the mean loss is checked where
+it is read anyway (log steps) and the weights before every checkpoint (a loop's last step always
+takes one, so this covers its final model too). A non-finite value raises `TrainingDiverged`
+naming the step and the last good checkpoint, which is kept: a checkpoint or model with
+non-finite weights is never written.
 """
 
 from __future__ import annotations
@@ -17,15 +31,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import itertools
+import json
 import logging
+import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffprune import io
@@ -40,6 +59,97 @@ LOCK = "lock"
 
 class RunLocked(RuntimeError):
     """Another process is training the same run (it holds the checkpoint folder's lock)."""
+
+
+@dataclass
+class Run:
+    """One resumable training run's checkpoints in `directory` (None: no checkpoints, no lock).
+
+    A loop takes `lock()` around its training, `resume(key)`s, calls `check_loss` at its log
+    steps and `check_weights` then `save` at its checkpoint steps, and `finish`es once its
+    outputs are written.
+    With several processes, every one checks and only the `main` one locks and writes."""
+
+    directory: Path | None
+    name: str = "training"
+    main: bool = True
+    key: dict[str, Any] | None = None
+    last_good: int | None = None  # the step of the newest checkpoint written or resumed
+
+    def __post_init__(self) -> None:
+        self.directory = None if self.directory is None else Path(self.directory)
+
+    @property
+    def latest(self) -> Path | None:
+        return None if self.directory is None else self.directory / LATEST
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """The checkpoint folder's lock (`run_lock`), held by the main process."""
+        if self.directory is None or not self.main:
+            return contextlib.nullcontext()
+        return run_lock(self.directory)
+
+    def resume(self, key: dict[str, Any], *, max_step: int | None = None) -> dict[str, Any] | None:
+        """This run's newest checkpoint (`load`) for `key`, which later checkpoints carry."""
+        self.key = key
+        state = None if self.directory is None else load(self.directory, key, max_step=max_step)
+        if state is not None:
+            self.last_good = state["step"]
+        return state
+
+    def check_loss(self, step: int, loss: float, *, since: int | None = None) -> None:
+        """Raise `TrainingDiverged` unless the mean loss of the steps after `since` is finite."""
+        if not math.isfinite(loss):
+            what = f"mean loss {loss}" + ("" if since is None else f" since step {since}")
+            raise self.diverged(step, what)
+
+    def check_weights(
+        self, step: int, *modules: torch.nn.Module, what: str = "non-finite weights"
+    ) -> None:
+        """Raise `TrainingDiverged` with `what` unless every weight of `modules` is finite (one
+        host sync). Every checkpoint step calls it before `save`."""
+        if not all_finite(*modules):
+            raise self.diverged(step, what)
+
+    def save(self, step: int, state: Callable[[], dict[str, Any]]) -> None:
+        """Save `state()` with the key and step as the latest checkpoint (the main process; no
+        directory: nothing), after `check_weights` passed for the step."""
+        if self.directory is not None and self.main:
+            save(self.directory, {"key": self.key, "step": step, **state()})
+        self.last_good = step
+
+    def finish(self, *, keep: bool = False) -> None:
+        """Delete the checkpoints once the run's outputs are written (unless `keep`)."""
+        if self.directory is not None and self.main and not keep:
+            remove(self.directory)
+
+    def diverged(self, step: int, what: str) -> TrainingDiverged:
+        return diverged(
+            step, what, last_good=self.last_good, checkpoint=self.latest, name=self.name
+        )
+
+
+def step_generator(*seed: int) -> torch.Generator:
+    """A CPU generator that depends only on the integers `seed`: a run's seed prefix and the
+    step, e.g. (seed, 0, step) for the diffusion training, (seed, step) for the autoencoder."""
+    state = np.random.SeedSequence(list(seed)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def run_key(cfg: dict[str, Any], *, neutral: Collection[str], **fields: Any) -> dict[str, Any]:
+    """A checkpoint's key: the sha256 of `cfg` without the `neutral` keys (those that cannot
+    change the weights), plus `fields` (seed, data hashes, ...)."""
+    relevant = {k: v for k, v in cfg.items() if k not in neutral}
+    cfg_text = json.dumps(relevant, sort_keys=True)
+    return {"cfg_sha256": hashlib.sha256(cfg_text.encode()).hexdigest(), **fields}
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of an array's shape and C-contiguous bytes (as train_data.KeptRows.sha256 of all
+    its rows)."""
+    digest = hashlib.sha256(f"{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def save(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -132,7 +242,12 @@ def run_lock(directory: str | os.PathLike) -> Iterator[None]:
 
 
 def diverged(
-    step: int, what: str, *, last_good: int | None, checkpoint: Path, name: str = "training"
+    step: int,
+    what: str,
+    *,
+    last_good: int | None,
+    checkpoint: Path | None,
+    name: str = "training",
 ) -> TrainingDiverged:
     """The error for a non-finite loss or weights at `step`, naming the last good checkpoint."""
     kept = (

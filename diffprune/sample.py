@@ -40,8 +40,8 @@ from diffprune.defaults import with_defaults
 from diffprune.device import resolve_device
 from diffprune.diffusion import MODELS, null_label, resolve_config
 from diffprune.errors import ConfigError, SamplingFailed
+from diffprune.model_folder import load_model
 from diffprune.status import SUMMARY, model_failure
-from diffprune.train import load_model
 
 log = logging.getLogger(__name__)
 

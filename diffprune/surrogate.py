@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,31 +103,11 @@ def train_surrogate(
         raise ValueError(f"forgetting needs >= 2 loss records; num_snapshots={num_snapshots}")
     out_dir, work = Path(out_dir), Path(checkpoint_dir) / SNAPSHOTS
     work.mkdir(parents=True, exist_ok=True)
-    sample_ids, in_channels = np.arange(len(images)), int(images.shape[-1])
-
-    def on_snapshot(step: int, model: torch.nn.Module, ema: torch.nn.Module) -> None:
-        if step not in steps:
-            return
-        _save_state(ema, work / _snapshot_name(step, "ema"))
-        state = _save_state(model, work / _snapshot_name(step))
-        if record_losses:
-            # Score a float32 copy, exactly what load_snapshot gives later: the training model may
-            # run its forward under accelerate's mixed-precision autocast.
-            with torch.random.fork_rng(devices=[]):  # building draws initial weights
-                snapshot = build_model(cfg, in_channels=in_channels)
-            snapshot.load_state_dict(state)
-            losses = sample_losses(
-                snapshot.to(model_device(model)),
-                images,
-                cfg=cfg,
-                sample_ids=sample_ids,
-                seed=seed,
-                batch_size=loss_batch_size,
-                progress=False,
-            )
-            io.save_npy(work / f"losses_{step:07d}.npy", losses.astype(np.float32))
-        log.info("surrogate snapshot at step %d", step)
-
+    on_snapshot = partial(
+        _take_snapshot, steps=steps, work=work, images=images, cfg=cfg, seed=seed,
+        record_losses=record_losses, loss_batch_size=loss_batch_size,
+    )  # fmt: skip
+    # train() holds the run's lock and checkpoints, resumes and checks it (checkpoints.Run)
     summary = train(
         images=images,
         cfg=cfg,
@@ -138,7 +119,70 @@ def train_surrogate(
         on_snapshot=on_snapshot,
         progress=progress,
     )
+    _collect_snapshots(work, out_dir, steps, record_losses, checkpoint_dir)
+    meta = {
+        "cfg": summary["cfg"],
+        "seed": seed,
+        "n": len(images),
+        "image_shape": list(images.shape[1:]),
+        "in_channels": int(images.shape[-1]),
+        "images_sha256": images_sha256(images),
+        "num_snapshots": num_snapshots,
+        "snapshot_steps": steps,
+        "record_losses": record_losses,
+        "seconds": summary["wall_seconds"],
+        "gpu_seconds": summary["wall_seconds"] if summary["device"].startswith("cuda") else 0.0,
+        "train": summary,
+        "code_version": io.code_version(),
+    }
+    io.save_json(out_dir / META, meta)
+    shutil.rmtree(work)  # like train()'s checkpoint: only kept until the outputs are complete
+    return meta
 
+
+def _take_snapshot(
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    *,
+    steps: list[int],
+    work: Path,
+    images: np.ndarray,
+    cfg: dict,
+    seed: int,
+    record_losses: bool,
+    loss_batch_size: int,
+) -> None:
+    """train()'s on_snapshot: at the snapshot `steps`, save the raw and EMA weights to `work`
+    and, with `record_losses`, every sample's loss under the raw weights."""
+    if step not in steps:
+        return
+    _save_state(ema, work / _snapshot_name(step, "ema"))
+    state = _save_state(model, work / _snapshot_name(step))
+    if record_losses:
+        # Score a float32 copy, exactly what load_snapshot gives later: the training model may
+        # run its forward under accelerate's mixed-precision autocast.
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights
+            snapshot = build_model(cfg, in_channels=int(images.shape[-1]))
+        snapshot.load_state_dict(state)
+        losses = sample_losses(
+            snapshot.to(model_device(model)),
+            images,
+            cfg=cfg,
+            sample_ids=np.arange(len(images)),
+            seed=seed,
+            batch_size=loss_batch_size,
+            progress=False,
+        )
+        io.save_npy(work / f"losses_{step:07d}.npy", losses.astype(np.float32))
+    log.info("surrogate snapshot at step %d", step)
+
+
+def _collect_snapshots(
+    work: Path, out_dir: Path, steps: list[int], record_losses: bool, checkpoint_dir
+) -> None:
+    """Copy the snapshots from `work` into out_dir/snapshots and stack the loss records into
+    out_dir/losses.npy; refuse when any is missing."""
     names = [_snapshot_name(s, weights) for s in steps for weights in WEIGHTS]
     missing = [s for s in steps for w in WEIGHTS if not (work / _snapshot_name(s, w)).exists()]
     if record_losses:
@@ -155,24 +199,6 @@ def train_surrogate(
     if record_losses:
         records = np.stack([np.load(work / f"losses_{s:07d}.npy") for s in steps])
         io.save_npy(out_dir / LOSSES, records)
-    meta = {
-        "cfg": summary["cfg"],
-        "seed": seed,
-        "n": len(images),
-        "image_shape": list(images.shape[1:]),
-        "in_channels": in_channels,
-        "images_sha256": images_sha256(images),
-        "num_snapshots": num_snapshots,
-        "snapshot_steps": steps,
-        "record_losses": record_losses,
-        "seconds": summary["wall_seconds"],
-        "gpu_seconds": summary["wall_seconds"] if summary["device"].startswith("cuda") else 0.0,
-        "train": summary,
-        "code_version": io.code_version(),
-    }
-    io.save_json(out_dir / META, meta)
-    shutil.rmtree(work)  # like train()'s checkpoint: only kept until the outputs are complete
-    return meta
 
 
 def moso_subsets(n: int, *, num_subsets: int, seed: int) -> np.ndarray:

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffprune.checkpoints import step_generator
 from diffprune.data import to_model_input
+from diffprune.diffusion import draw
 from diffprune.errors import DataError
 
 #: Stored bytes read at a time to hash the kept rows or to put them on the device.
@@ -178,6 +180,58 @@ def on_device(
         return bool(setting), None
     free = free_bytes(device)
     return input_bytes * copies <= DEVICE_SHARE * free, free
+
+
+def step_inputs(
+    step: int,
+    *,
+    seed: int,
+    batch_size: int,
+    mine: slice,
+    data: KeptRows,
+    host: bool,
+    scheduler,
+    labels: torch.Tensor | None,
+    null: int,
+    dropout: float | None,
+) -> dict[str, torch.Tensor | None]:
+    """One step's draws from the (seed, step) generator, in a fixed order: the global batch's
+    rows (uniform, with replacement), noise and timesteps, and for a DiT (`dropout` not None) the
+    class labels with dropout. Returns this process's slice (`mine`) of them, CPU tensors, with
+    the model input of its rows (`x0`) when `host`, else the rows (positions in `data`)."""
+    # (seed, 0, step): the 0 was the process index when each process drew its own batch; kept,
+    # so one-process runs draw as before
+    generator = step_generator(seed, 0, step)
+    rows = torch.randint(0, len(data), (batch_size,), generator=generator)
+    # draw() reads only the batch's shape, device and dtype: a stand-in with no storage
+    batch = torch.empty(()).expand(batch_size, *data.input_shape)
+    noise, timesteps = draw(batch, scheduler, generator=generator)
+    class_labels = None
+    if dropout is not None:
+        dropped = batch_labels(labels, rows, null=null, dropout=dropout, generator=generator)
+        class_labels = dropped[mine]
+    inputs = {"noise": noise[mine], "timesteps": timesteps[mine], "class_labels": class_labels}
+    if host:
+        inputs["x0"] = data.model_input(rows[mine].numpy())
+    else:
+        inputs["rows"] = rows[mine]
+    return inputs
+
+
+def batch_labels(
+    labels: torch.Tensor | None,
+    rows: torch.Tensor,
+    *,
+    null: int,
+    dropout: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The class label of each drawn row, replaced by the `null` label with probability `dropout`
+    (classifier-free guidance training); all `null` for an unconditional DiT (`labels` None)."""
+    if labels is None:
+        return torch.full_like(rows, null)
+    dropped = torch.rand(rows.shape, generator=generator) < dropout
+    return torch.where(dropped, null, labels[rows])
 
 
 class StepPrefetch:

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import numpy as np
@@ -7,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from diffprune import autoencoder as ae_module
+from diffprune import autoencoder_train as ae_train
+from diffprune import checkpoints
 from diffprune.autoencoder import (
     INFO,
     build_autoencoder,
@@ -17,12 +19,11 @@ from diffprune.autoencoder import (
     encode_to_file,
     load_autoencoder,
     load_latents,
-    prepare_autoencoder,
     reconstruction_error,
-    train_autoencoder,
     write_latents,
 )
-from diffprune.errors import ConfigError, DataError
+from diffprune.autoencoder_train import prepare_autoencoder, train_autoencoder
+from diffprune.errors import ConfigError, DataError, TrainingDiverged
 
 TINY = {
     "source": "train",
@@ -120,14 +121,69 @@ def test_a_longer_run_resumes_a_checkpoint_exactly(tmp_path, monkeypatch, traine
         raise RuntimeError("interrupted")
 
     with monkeypatch.context() as patch:  # fails after the loop: the last checkpoint stays
-        patch.setattr(ae_module, "measure_scale_factor", boom)
+        patch.setattr(ae_train, "measure_scale_factor", boom)
         with pytest.raises(RuntimeError):
             train(tmp_path, "short", cfg={**TINY, "steps": 25}, checkpoint_dir=ckpt)
     assert not (tmp_path / "short").exists()
     summary = train(tmp_path, "resumed", checkpoint_dir=ckpt, checkpoint_every=10)
     assert summary["resumed_from_step"] == 25
     assert (tmp_path / "resumed" / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
-    assert not (ckpt / ae_module.CHECKPOINT).exists()
+    assert not (ckpt / checkpoints.LATEST).exists()
+
+
+def test_a_second_autoencoder_training_of_the_run_is_refused_while_one_runs(tmp_path):
+    """The autoencoder takes the run lock of its checkpoint folder, as the diffusion training."""
+    ckpt = tmp_path / "ckpt"
+    with (
+        checkpoints.run_lock(ckpt),
+        pytest.raises(checkpoints.RunLocked, match=f"pid {os.getpid()}.*is training"),
+    ):
+        train(tmp_path, "a", cfg={**TINY, "steps": 2}, checkpoint_dir=ckpt)
+    assert not (tmp_path / "a").exists()
+    train(tmp_path, "a", cfg={**TINY, "steps": 2}, checkpoint_dir=ckpt)  # the lock went with it
+    assert (tmp_path / "a" / WEIGHTS).is_file() and not ckpt.exists()
+
+
+def test_a_stopped_run_keeps_two_checkpoints_and_resumes_to_the_same_bytes(
+    tmp_path, monkeypatch, trained
+):
+    """Stopped at step 25 of 40 (checkpoints every 10): latest.pt (step 20) and previous.pt
+    (step 10) stay; the rerun resumes at 20 and ends with the uninterrupted run's weights."""
+    folder, _ = trained
+    ckpt, real_loss, calls = tmp_path / "ckpt", ae_train._loss, []
+
+    def stop_at_25(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:
+            raise RuntimeError("stopped")
+        return real_loss(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ae_train, "_loss", stop_at_25)
+        with pytest.raises(RuntimeError, match="stopped"):
+            train(tmp_path, "b", checkpoint_dir=ckpt, checkpoint_every=10)
+    steps = {name: torch.load(ckpt / name, weights_only=True)["step"] for name in
+             (checkpoints.LATEST, checkpoints.PREVIOUS)}  # fmt: skip
+    assert steps == {checkpoints.LATEST: 20, checkpoints.PREVIOUS: 10}
+    summary = train(tmp_path, "b", checkpoint_dir=ckpt, checkpoint_every=10)
+    assert summary["resumed_from_step"] == 20
+    assert (tmp_path / "b" / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+
+
+def test_non_finite_weights_fail_the_autoencoder_and_are_never_written(tmp_path, monkeypatch):
+    """The weight check runs at every checkpoint step, also without a checkpoint folder."""
+    real_step = torch.optim.AdamW.step
+
+    def poison(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poison)
+    with pytest.raises(TrainingDiverged, match="autoencoder training diverged at step 2: non-f"):
+        train(tmp_path, "c", cfg={**TINY, "steps": 3}, checkpoint_every=2)
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_resolution_and_config(tmp_path):

@@ -50,8 +50,9 @@ from diffprune.config import validate_params
 from diffprune.data import load_store
 from diffprune.errors import ConfigError
 from diffprune.evaluate import metrics_record
+from diffprune.model_folder import load_model
 from diffprune.report import collect, table
-from diffprune.train import load_model, train
+from diffprune.train import train
 from tests.script_helpers import fake_snakemake, files, run_script
 from tests.test_bad_params import CASES, shown_value, with_changes
 from tests.test_scripts import PARAMS, write_store

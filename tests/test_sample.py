@@ -10,9 +10,9 @@ from PIL import Image
 from diffprune.data import to_uint8
 from diffprune.diffusion import build_model, build_scheduler
 from diffprune.errors import ConfigError, DataError, SamplingFailed
+from diffprune.model_folder import load_model, save_model
 from diffprune.sample import generate, save_grid, write_samples
 from diffprune.status import write_failed_model
-from diffprune.train import load_model, save_model
 
 TINY = {
     "model": "unet2d",

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffprune import checkpoints
+from diffprune import surrogate as surrogate_module
 from diffprune.data import to_model_input
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import batches, fixed_draws, sample_losses
 from diffprune.errors import DataError
+from diffprune.model_folder import load_model
 from diffprune.scores import (
     compute_scores,
     el2n,
@@ -25,7 +28,6 @@ from diffprune.surrogate import (
     train_moso_surrogates,
     train_surrogate,
 )
-from diffprune.train import load_model
 
 # compute_scores' params for the last raw snapshot with one random draw per sample (the defaults
 # are the EMA weights at timestep 15): its EL2N is then the last loss record.
@@ -291,6 +293,54 @@ def test_more_snapshots_break_forgetting_ties(tmp_path, tiny_unet_cfg, random_im
 
     (distinct_20, tie_20), (distinct_5, tie_5) = map(distinct_and_largest_tie, (losses, five))
     assert distinct_5 <= 5 < distinct_20 and tie_20 < tie_5
+
+
+def test_a_second_surrogate_training_of_the_run_is_refused_while_one_runs(
+    tmp_path, tiny_unet_cfg, random_images
+):
+    with (
+        checkpoints.run_lock(tmp_path / "ckpt"),
+        pytest.raises(checkpoints.RunLocked, match="is training this run"),
+    ):
+        train_surrogate(
+            random_images(6), cfg=tiny_unet_cfg(steps=2), seed=0, out_dir=tmp_path / "sur",
+            checkpoint_dir=tmp_path / "ckpt", num_snapshots=2, progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "sur" / "model").exists()
+
+
+def test_a_stopped_surrogate_resumes_to_the_same_snapshots_losses_and_model(
+    tmp_path, monkeypatch, tiny_unet_cfg, random_images
+):
+    """Stopped inside the step-4 snapshot (checkpoints every 2 steps), the rerun resumes at
+    step 2 and writes what an uninterrupted run writes."""
+    cfg, images = tiny_unet_cfg(steps=6, checkpoint_every=2), random_images(6)
+    kwargs = {"cfg": cfg, "seed": 0, "num_snapshots": 3, "progress": False}
+    train_surrogate(images, out_dir=tmp_path / "a", checkpoint_dir=tmp_path / "ca", **kwargs)
+    real, calls = surrogate_module.sample_losses, []
+
+    def stop_at_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return real(*args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(surrogate_module, "sample_losses", stop_at_second)
+        with pytest.raises(RuntimeError, match="stopped"):
+            train_surrogate(
+                images, out_dir=tmp_path / "b", checkpoint_dir=tmp_path / "cb", **kwargs
+            )
+    meta = train_surrogate(images, out_dir=tmp_path / "b", checkpoint_dir=tmp_path / "cb", **kwargs)
+    assert meta["train"]["resumed_from_step"] == 2
+    weights = "model/unet/diffusion_pytorch_model.safetensors"
+    for name in ("losses.npy", weights):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    for step in meta["snapshot_steps"]:
+        for kind in ("raw", "ema"):
+            a, b = (load_snapshot(tmp_path / r, step, weights=kind) for r in ("a", "b"))
+            sa, sb = a.state_dict(), b.state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_moso_surrogates_score_each_sample_in_its_own_subset(

@@ -20,16 +20,17 @@ from script_helpers import NamedList, fake_snakemake, files, run_script
 from workflow_helpers import REPO, tiny_params
 
 from diffprune import io
+from diffprune.checkpoints import array_sha256
 from diffprune.cluster import clusters_frame, kmeans
 from diffprune.data import load_store
 from diffprune.embed import embed_images, load_embedder
 from diffprune.errors import DataError
 from diffprune.evaluate import class_balance, evaluate_samples
 from diffprune.features import load_feature_extractor
+from diffprune.model_folder import load_model
 from diffprune.sample import generate
 from diffprune.select import select
 from diffprune.skew import arm_ids, skewed_ids
-from diffprune.train import _sha256, load_model
 
 CLASSES = ["zero", "one", "two", "three"]
 PARAMS = tiny_params(
@@ -350,7 +351,7 @@ def test_train_script_trains_on_the_kept_rows_only(root, stores, model_dir):
     assert record["n_images"] == 12
     kept = np.arange(48)[np.arange(48) % 4 == 1]
     images = np.asarray(load_store(stores["train"][0].parent).images)
-    assert record["images_sha256"] == _sha256(images[kept])
+    assert record["images_sha256"] == array_sha256(images[kept])
     model, _, cfg = load_model(model_dir)
     assert cfg["resolution"] == 8 and model.config.in_channels == 1
     assert (root / "train-logs" / "handmade" / "s0").is_dir()

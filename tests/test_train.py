@@ -14,22 +14,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffprune import io, train_data
 from diffprune import train as train_module
+from diffprune.checkpoints import array_sha256
 from diffprune.config import load_params, validate_params
 from diffprune.data import load_store, to_model_input
 from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
 from diffprune.launch import accelerate_command, is_main
+from diffprune.model_folder import load_model, save_model
 from diffprune.status import write_failed_model
-from diffprune.train import (
-    CHECKPOINT,
-    _batch_labels,
-    _ema_decay,
-    _sha256,
-    _update_ema,
-    load_model,
-    save_model,
-    train,
-)
+from diffprune.train import CHECKPOINT, _ema_decay, _update_ema, train
+from diffprune.train_data import batch_labels
 from tests.conftest import TINY_UNET
 from tests.test_faults import REPO, WEIGHTS, finish, training_pid
 from tests.test_faults import TINY as FAULT_TINY
@@ -391,7 +385,7 @@ def test_label_dropout_is_seeded_and_replaces_labels_by_the_null_label():
 
     def dropped(p, seed=0):
         generator = torch.Generator().manual_seed(seed)
-        return _batch_labels(table, rows, null=3, dropout=p, generator=generator)
+        return batch_labels(table, rows, null=3, dropout=p, generator=generator)
 
     assert torch.equal(dropped(0.1), dropped(0.1)) and not torch.equal(
         dropped(0.1), dropped(0.1, 1)
@@ -400,7 +394,7 @@ def test_label_dropout_is_seeded_and_replaces_labels_by_the_null_label():
     kept = dropped(0.1) != 3
     assert torch.equal(dropped(0.1)[kept], table[rows][kept])
     assert 0.07 < (~kept).float().mean() < 0.13
-    unconditional = _batch_labels(None, rows, null=0, dropout=0.1, generator=torch.Generator())
+    unconditional = batch_labels(None, rows, null=0, dropout=0.1, generator=torch.Generator())
     assert torch.equal(unconditional, torch.zeros(2000, dtype=torch.int64))
 
 
@@ -729,7 +723,7 @@ def test_data_on_the_host_reads_a_memory_map_a_batch_at_a_time(tmp_path, monkeyp
     array_bytes = n * size * size * 3
     assert summary["data_on_device"] is False and summary["n_images"] == n // 2
     assert peak < array_bytes / 4, f"peak {peak} bytes for a {array_bytes}-byte store"
-    assert summary["images_sha256"] == _sha256(np.load(path)[kept])
+    assert summary["images_sha256"] == array_sha256(np.load(path)[kept])
 
 
 def test_kept_rows_hash_chunk_by_chunk_as_the_whole_subset(monkeypatch):
@@ -738,7 +732,7 @@ def test_kept_rows_hash_chunk_by_chunk_as_the_whole_subset(monkeypatch):
     monkeypatch.setattr(train_data, "CHUNK_BYTES", 3 * 8 * 8)  # three rows a chunk
     kept = train_data.KeptRows(source, rows, resolution=8)
     assert [(part.start, part.stop) for part in kept.chunks()] == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert kept.sha256() == _sha256(source[rows])
+    assert kept.sha256() == array_sha256(source[rows])
     assert torch.equal(kept.to_device(torch.device("cpu")), to_model_input(source[rows], 8))
 
 

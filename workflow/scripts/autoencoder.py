@@ -7,7 +7,7 @@ output: the autoencoder folder (first output).
 
 from pathlib import Path
 
-from diffprune.autoencoder import prepare_autoencoder
+from diffprune.autoencoder_train import prepare_autoencoder
 from diffprune.data import load_store
 from diffprune.logs import setup
 
