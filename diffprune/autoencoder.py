@@ -42,6 +42,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -217,9 +218,31 @@ def train_autoencoder(
 
     With `checkpoint_dir`, the state is saved every `checkpoint_every` steps and at the end, and a
     new call resumes from it when it belongs to the same run; it is deleted once `out_dir` is
-    written. Returns the autoencoder.json record. Raises `TrainingDiverged` on a non-finite loss
-    or non-finite weights.
+    written. The run holds the folder's run lock meanwhile: a second training of it (a rerun
+    beside an orphaned job) raises `checkpoints.RunLocked` at once. Returns the autoencoder.json
+    record. Raises `TrainingDiverged` on a non-finite loss or non-finite weights.
     """
+    lock = checkpoints.run_lock(checkpoint_dir) if checkpoint_dir is not None else nullcontext()
+    with lock:
+        return _train_autoencoder(
+            images, cfg=cfg, resolution=resolution, seed=seed, out_dir=out_dir,
+            test_images=test_images, checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, progress=progress,
+        )  # fmt: skip
+
+
+def _train_autoencoder(
+    images: np.ndarray,
+    *,
+    cfg: dict,
+    resolution: int,
+    seed: int,
+    out_dir: str | os.PathLike,
+    test_images: np.ndarray | None,
+    checkpoint_dir: str | os.PathLike | None,
+    checkpoint_every: int,
+    progress: bool,
+) -> dict:
     start = time.perf_counter()
     cfg = resolve_config({**cfg, "source": "train"})
     _check_images(images)
@@ -387,7 +410,7 @@ def encode_to_file(
     under its name only when complete. Returns its shape."""
     shape = (len(images), *latent_shape(ae, resolution))
     with io.atomic_path(out_path) as tmp:
-        latents = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        latents = io.open_memmap(tmp, dtype=np.float16, shape=shape)  # disk allocated first
         try:
             _fill(latents, ae, images, resolution, batch_size, device, num_workers, progress)
             latents.flush()
