@@ -677,10 +677,12 @@ SETUP_CHILD = textwrap.dedent(
     import sys, threading, time
     from pathlib import Path
     from diffprune import logs
+    def watchdogs():
+        return sum(t.name == "stop-when-orphaned" for t in threading.enumerate())
     logs.setup(sys.argv[1] + ".log")
+    after_setup = watchdogs()
     watched = logs.stop_when_orphaned()  # a second call: the watchdog setup started
-    threads = sum(t.name == "stop-when-orphaned" for t in threading.enumerate())
-    Path(sys.argv[1]).write_text(f"{watched} {threads}")
+    Path(sys.argv[1]).write_text(f"{watched} {after_setup} {watchdogs()}")
     try:
         time.sleep(60)
     except SystemExit:
@@ -694,7 +696,7 @@ def test_a_job_set_up_by_logs_setup_stops_when_its_parent_dies(tmp_path):
     """What every workflow script does first (logs.setup) starts one watchdog: kill -9 the job's
     parent and the job stops itself, saying why in its log."""
     parent, written = orphan_stops(SETUP_CHILD, tmp_path / "job")
-    assert written == f"[{parent}] 1"
+    assert written == f"[{parent}] 1 1"  # one watchdog, started by setup
     log = (tmp_path / "job.log").read_text()
     assert f"stopping: process {parent}, which started this job" in log
 
