@@ -201,7 +201,7 @@ def encode_to_file(
     under its name only when complete. Returns its shape."""
     shape = (len(images), *latent_shape(ae, resolution))
     with io.atomic_path(out_path) as tmp:
-        latents = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        latents = io.open_memmap(tmp, dtype=np.float16, shape=shape)  # disk allocated first
         try:
             _fill(latents, ae, images, resolution, batch_size, device, num_workers, progress)
             latents.flush()

@@ -18,6 +18,7 @@ differs.
 
 A run holds an exclusive lock on ``lock`` in its checkpoint folder while it trains, so two
 processes never train the same run at once (a rerun while an orphaned job still trains refuses).
+Every training takes it: diffusion models, autoencoders and surrogates (through `Run`).
 
 Divergence: the loops do not sync with the device every step, so the mean loss is checked where
 it is read anyway (log steps) and the weights before every checkpoint (a loop's last step always
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 LATEST = "latest.pt"
 PREVIOUS = "previous.pt"
 LOCK = "lock"
+# Checkpoint folders whose run lock this process holds: an inner run_lock of the same folder (a
+# surrogate's train() inside the surrogate's own lock) enters at once.
+_HELD: set[Path] = set()
 
 
 class RunLocked(RuntimeError):
@@ -155,19 +159,20 @@ def array_sha256(array: np.ndarray) -> str:
 def save(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` (with "key" and "step") as ``latest.pt``; the former one becomes
     ``previous.pt``. ``latest.pt`` exists at every moment once written (a reader or a crash never
-    finds the folder without it): the former one is hard-linked (or copied) to ``previous.pt``
-    first, and the new one renamed over it."""
+    finds the folder without it): the new one is written to a temporary, then the former one is
+    hard-linked (or copied) to ``previous.pt``, and the new one renamed over it. A full disk
+    raises `DiskFull` (path and bytes) before the rotation: both former checkpoints stay."""
     directory = Path(directory)
     latest = directory / LATEST
-    if latest.exists():
-        with io.atomic_path(directory / PREVIOUS) as tmp:
-            try:
-                tmp.unlink()
-                os.link(latest, tmp)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(latest, tmp)
-    with io.atomic_path(latest) as tmp:
+    with io.atomic_path(latest, nbytes=_saved_bytes(state)) as tmp:
         torch.save(state, tmp)
+        if latest.exists():
+            with io.atomic_path(directory / PREVIOUS) as previous:
+                try:
+                    previous.unlink()
+                    os.link(latest, previous)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(latest, previous)
     log.info("checkpoint at step %d -> %s", state["step"], latest)
     return latest
 
@@ -208,9 +213,14 @@ def remove(directory: str | os.PathLike) -> None:
 def run_lock(directory: str | os.PathLike) -> Iterator[None]:
     """Hold the exclusive lock of a run's checkpoint folder, or raise `RunLocked` at once.
 
-    The lock is the kernel's (flock): it goes with the process, also when it is killed."""
+    The lock is the kernel's (flock): it goes with the process, also when it is killed. A
+    process that holds it already enters again (the outer holder releases it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    held = directory.resolve()
+    if held in _HELD:
+        yield
+        return
     path = directory / LOCK
     with open(path, "a+") as f:
         try:
@@ -228,9 +238,11 @@ def run_lock(directory: str | os.PathLike) -> Iterator[None]:
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
+        _HELD.add(held)
         try:
             yield
         finally:
+            _HELD.discard(held)
             f.seek(0)
             f.truncate()
             if not any((directory / name).exists() for name in (LATEST, PREVIOUS)):
@@ -265,6 +277,23 @@ def all_finite(*modules: torch.nn.Module) -> bool:
     """Whether every parameter and buffer of `modules` is finite, with one host sync."""
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _saved_bytes(state: Any) -> int:
+    """About the bytes torch.save writes for `state`: its tensors' storages, plus a record of
+    at most 1 KiB for each and 64 KiB for the pickle (a check before writing, not a limit)."""
+    storages: dict[int, int] = {}
+    pending = [state]
+    while pending:
+        obj = pending.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            pending.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            pending.extend(obj)
+    return sum(storages.values()) + 1024 * len(storages) + (64 << 10)
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from diffprune.batches import row_batches
 from diffprune.device import resolve_device
 from diffprune.errors import ConfigError, DataError
-from diffprune.io import atomic_path
+from diffprune.io import atomic_path, open_memmap
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def embed_to_file(
     Returns its shape."""
     shape = (len(images), embedder.dim)
     with atomic_path(out_path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        out = open_memmap(tmp, dtype=np.float32, shape=shape)  # disk allocated first
         try:
             _embed_into(out, images, embedder, batch_size, num_workers, progress)
             out.flush()

@@ -13,6 +13,11 @@ class DataError(DiffpruneError):
     """An input file or image is missing, corrupt or of the wrong shape."""
 
 
+class DiskFull(DiffpruneError):
+    """The file system of an output has too little free space for it; the message names the
+    path, the bytes needed and the bytes available."""
+
+
 class TrainingDiverged(DiffpruneError):
     """Training produced a non-finite loss or weights; the message names the step and the last
     good checkpoint, which is kept."""

@@ -12,10 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# The pids the orphan watchdog of this process watches, once it is started (it starts once).
+_WATCHED: list[int] = []
+
 
 def setup(log_path: str | os.PathLike | None = None, *, threads: int | None = None) -> None:
-    """Log INFO to stderr and to the rule's log file; pin torch to the job's thread count.
+    """Log INFO to stderr and to the rule's log file; pin torch to the job's thread count; stop
+    the job when the workflow engine that started it is gone (`stop_when_orphaned`).
 
+    Every workflow script calls this first, so every job (embedding, training, scoring, ...)
+    stops itself when Snakemake is killed, and none keeps a rerun's outputs or locks busy.
     Under a distributed launcher (diffprune.launch) every process appends to the log file that
     the job's first process started, each line naming its process (rank)."""
     launched = "LOCAL_RANK" in os.environ
@@ -37,6 +43,7 @@ def setup(log_path: str | os.PathLike | None = None, *, threads: int | None = No
         # numpy's BLAS would otherwise use every core, also when jobs share the machine
         threadpool_limits(threads)
         torch.set_num_threads(threads)
+    stop_when_orphaned()
 
 
 @contextmanager
@@ -62,15 +69,18 @@ def stop_when_orphaned(*, interval: float = 1.0, grace: float = 30.0) -> list[in
     process SIGTERM, which from here on raises SystemExit in the main thread (so temporaries are
     cleaned up; Snakemake starts jobs with SIGINT ignored, so KeyboardInterrupt would not do),
     and ends the process after `grace` more seconds if it is still running. Call it from the
-    main thread.
+    main thread. A second call does nothing: one watchdog per process.
     """
+    if _WATCHED:
+        return list(_WATCHED)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     watched = _engine_chain()
     thread = threading.Thread(
         target=_watch, args=(watched, interval, grace), name="stop-when-orphaned", daemon=True
     )
     thread.start()
-    return [pid for pid, _ in watched]
+    _WATCHED.extend(pid for pid, _ in watched)
+    return list(_WATCHED)
 
 
 def _watch(watched: list[tuple[int, str | None]], interval: float, grace: float) -> None:

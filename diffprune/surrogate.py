@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffprune import io
+from diffprune import checkpoints, io
 from diffprune.diffusion import build_model
 from diffprune.draws import model_device, sample_losses
 from diffprune.errors import DataError
@@ -95,49 +95,51 @@ def train_surrogate(
     failed job, like train()'s resumable checkpoints) and then copied into out_dir, so a resumed
     run still has the snapshots taken before the interruption. With `record_losses` the loss of
     EVERY sample under the raw weights is recorded at every snapshot, under the fixed per-sample
-    draws of `seed` (forgetting scores need >= 2).
+    draws of `seed` (forgetting scores need >= 2). The job holds checkpoint_dir's run lock from
+    start to end: a second training of it raises `checkpoints.RunLocked` at once.
     Returns the surrogate.json record.
     """
-    steps = snapshot_steps(int(cfg["steps"]), num_snapshots)
-    if record_losses and num_snapshots < 2:
-        raise ValueError(f"forgetting needs >= 2 loss records; num_snapshots={num_snapshots}")
-    out_dir, work = Path(out_dir), Path(checkpoint_dir) / SNAPSHOTS
-    work.mkdir(parents=True, exist_ok=True)
-    on_snapshot = partial(
-        _take_snapshot, steps=steps, work=work, images=images, cfg=cfg, seed=seed,
-        record_losses=record_losses, loss_batch_size=loss_batch_size,
-    )  # fmt: skip
-    # train() holds the run's lock and checkpoints, resumes and checks it (checkpoints.Run)
-    summary = train(
-        images=images,
-        cfg=cfg,
-        seed=seed,
-        out_dir=out_dir / "model",
-        checkpoint_dir=checkpoint_dir,
-        log_dir=log_dir,
-        snapshot_every=steps[0],
-        on_snapshot=on_snapshot,
-        progress=progress,
-    )
-    _collect_snapshots(work, out_dir, steps, record_losses, checkpoint_dir)
-    meta = {
-        "cfg": summary["cfg"],
-        "seed": seed,
-        "n": len(images),
-        "image_shape": list(images.shape[1:]),
-        "in_channels": int(images.shape[-1]),
-        "images_sha256": images_sha256(images),
-        "num_snapshots": num_snapshots,
-        "snapshot_steps": steps,
-        "record_losses": record_losses,
-        "seconds": summary["wall_seconds"],
-        "gpu_seconds": summary["wall_seconds"] if summary["device"].startswith("cuda") else 0.0,
-        "train": summary,
-        "code_version": io.code_version(),
-    }
-    io.save_json(out_dir / META, meta)
-    shutil.rmtree(work)  # like train()'s checkpoint: only kept until the outputs are complete
-    return meta
+    with checkpoints.run_lock(checkpoint_dir):  # the whole job, snapshots and copies too
+        steps = snapshot_steps(int(cfg["steps"]), num_snapshots)
+        if record_losses and num_snapshots < 2:
+            raise ValueError(f"forgetting needs >= 2 loss records; num_snapshots={num_snapshots}")
+        out_dir, work = Path(out_dir), Path(checkpoint_dir) / SNAPSHOTS
+        work.mkdir(parents=True, exist_ok=True)
+        on_snapshot = partial(
+            _take_snapshot, steps=steps, work=work, images=images, cfg=cfg, seed=seed,
+            record_losses=record_losses, loss_batch_size=loss_batch_size,
+        )  # fmt: skip
+        # train() holds the run's lock and checkpoints, resumes and checks it (checkpoints.Run)
+        summary = train(
+            images=images,
+            cfg=cfg,
+            seed=seed,
+            out_dir=out_dir / "model",
+            checkpoint_dir=checkpoint_dir,
+            log_dir=log_dir,
+            snapshot_every=steps[0],
+            on_snapshot=on_snapshot,
+            progress=progress,
+        )
+        _collect_snapshots(work, out_dir, steps, record_losses, checkpoint_dir)
+        meta = {
+            "cfg": summary["cfg"],
+            "seed": seed,
+            "n": len(images),
+            "image_shape": list(images.shape[1:]),
+            "in_channels": int(images.shape[-1]),
+            "images_sha256": images_sha256(images),
+            "num_snapshots": num_snapshots,
+            "snapshot_steps": steps,
+            "record_losses": record_losses,
+            "seconds": summary["wall_seconds"],
+            "gpu_seconds": summary["wall_seconds"] if summary["device"].startswith("cuda") else 0.0,
+            "train": summary,
+            "code_version": io.code_version(),
+        }
+        io.save_json(out_dir / META, meta)
+        shutil.rmtree(work)  # like train()'s checkpoint: only kept until the outputs are complete
+        return meta
 
 
 def _take_snapshot(
@@ -230,39 +232,41 @@ def train_moso_surrogates(
     """Split the data into `num_subsets` seeded disjoint subsets; train one surrogate on each.
 
     Surrogate k trains with seed `seed + k` in out_dir/subset_<k> (checkpoints in
-    checkpoint_dir/subset_<k>). Writes subsets.npy and moso.json; returns the moso.json record.
+    checkpoint_dir/subset_<k>), under checkpoint_dir's run lock. Writes subsets.npy and
+    moso.json; returns the moso.json record.
     """
-    out_dir = Path(out_dir)
-    subsets = moso_subsets(len(images), num_subsets=num_subsets, seed=seed)
-    io.save_npy(out_dir / SUBSETS, subsets)
-    records = []
-    for k in range(num_subsets):
-        log.info("MoSo surrogate %d/%d", k + 1, num_subsets)
-        records.append(
-            train_surrogate(
-                np.asarray(images[subsets == k]),
-                cfg=cfg,
-                seed=seed + k,
-                out_dir=out_dir / f"subset_{k}",
-                checkpoint_dir=Path(checkpoint_dir) / f"subset_{k}",
-                num_snapshots=num_snapshots,
-                record_losses=False,
-                log_dir=None if log_dir is None else Path(log_dir) / f"subset_{k}",
-                progress=progress,
+    with checkpoints.run_lock(checkpoint_dir):
+        out_dir = Path(out_dir)
+        subsets = moso_subsets(len(images), num_subsets=num_subsets, seed=seed)
+        io.save_npy(out_dir / SUBSETS, subsets)
+        records = []
+        for k in range(num_subsets):
+            log.info("MoSo surrogate %d/%d", k + 1, num_subsets)
+            records.append(
+                train_surrogate(
+                    np.asarray(images[subsets == k]),
+                    cfg=cfg,
+                    seed=seed + k,
+                    out_dir=out_dir / f"subset_{k}",
+                    checkpoint_dir=Path(checkpoint_dir) / f"subset_{k}",
+                    num_snapshots=num_snapshots,
+                    record_losses=False,
+                    log_dir=None if log_dir is None else Path(log_dir) / f"subset_{k}",
+                    progress=progress,
+                )
             )
-        )
-    meta = {
-        "num_subsets": num_subsets,
-        "seed": seed,
-        "n": len(images),
-        "images_sha256": images_sha256(images),
-        "subset_sizes": np.bincount(subsets, minlength=num_subsets).tolist(),
-        "seconds": sum(r["seconds"] for r in records),
-        "gpu_seconds": sum(r["gpu_seconds"] for r in records),
-        "code_version": io.code_version(),
-    }
-    io.save_json(out_dir / MOSO_META, meta)
-    return meta
+        meta = {
+            "num_subsets": num_subsets,
+            "seed": seed,
+            "n": len(images),
+            "images_sha256": images_sha256(images),
+            "subset_sizes": np.bincount(subsets, minlength=num_subsets).tolist(),
+            "seconds": sum(r["seconds"] for r in records),
+            "gpu_seconds": sum(r["gpu_seconds"] for r in records),
+            "code_version": io.code_version(),
+        }
+        io.save_json(out_dir / MOSO_META, meta)
+        return meta
 
 
 def load_snapshot(

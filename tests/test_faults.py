@@ -11,7 +11,16 @@
   naming key, value and what is allowed, before any job (test_bad_params_*).
 - Corrupt checkpoint: moved aside with a warning; training resumes from previous.pt or starts
   over (test_corrupt_*); a second training of a running run refuses.
-- Orphaned job (Snakemake killed with kill -9): the job stops itself (test_orphan*).
+- Orphaned job (Snakemake killed with kill -9): the job stops itself (test_orphan*); every
+  workflow script starts the watchdog through logs.setup (test_every_workflow_script_calls_*,
+  test_a_job_set_up_by_logs_setup_stops_when_its_parent_dies).
+- Two trainings of one checkpoint folder (autoencoder, surrogate, MoSo): the second refuses at
+  once with one line naming the holder (test_every_training_refuses_while_another_process_*).
+- Full disk (a real 2 MiB tmpfs, and a patched free-space figure): a memory-mapped store,
+  embeddings, a checkpoint or an array write is one DiskFull line naming the path and the bytes
+  needed and available, never SIGBUS or a serializer's traceback; latest.pt stays, no temporary
+  is left (test_a_full_disk_*, test_a_checkpoint_on_a_full_disk_*, test_a_large_write_*); a
+  killed writer's hidden temporaries go when the output is written again (test_temporaries_*).
 - Concurrent engines: `dvc repro` during a Snakemake run refuses and deletes nothing
   (test_dvc_repro_during_a_snakemake_run_*).
 - Params are data (issue 16): a params file or --configfile overlay with YTE templating, a key
@@ -30,14 +39,20 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -46,12 +61,16 @@ import torch
 import yaml
 
 from diffprune import checkpoints, io, logs
+from diffprune.autoencoder import train_autoencoder
 from diffprune.config import validate_params
 from diffprune.data import load_store
-from diffprune.errors import ConfigError
+from diffprune.data.store import write_store as write_image_store
+from diffprune.embed import embed_to_file
+from diffprune.errors import ConfigError, DiskFull
 from diffprune.evaluate import metrics_record
 from diffprune.model_folder import load_model
 from diffprune.report import collect, table
+from diffprune.surrogate import train_moso_surrogates, train_surrogate
 from diffprune.train import train
 from tests.script_helpers import fake_snakemake, files, run_script
 from tests.test_bad_params import CASES, shown_value, with_changes
@@ -226,8 +245,8 @@ def test_latest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatc
 
 def test_a_second_training_of_the_same_run_is_refused_while_one_runs(tmp_path):
     with (
-        checkpoints.run_lock(tmp_path / "x" / "ckpt"),
-        pytest.raises(checkpoints.RunLocked, match=f"pid {os.getpid()}.*is training"),
+        locked_elsewhere(tmp_path / "x" / "ckpt") as holder,
+        pytest.raises(checkpoints.RunLocked, match=f"pid {holder}.*is training"),
     ):
         run(tmp_path, "x")
     assert not (tmp_path / "x" / "model").exists()
@@ -476,23 +495,31 @@ CHILD = textwrap.dedent(
 
 def test_orphan_watchdog_watches_its_parent_outside_snakemake(tmp_path):
     """Parent (no Snakemake above it) -> child; kill -9 the parent: the child stops itself."""
-    marker = tmp_path / "child.pids"
+    parent, watched = orphan_stops(CHILD, tmp_path / "child.pids")
+    assert watched == str(parent)
+
+
+def orphan_stops(child: str, marker: Path) -> tuple[int, str]:
+    """Run the code `child` (argv[1]: `marker`) under a parent process, wait for the child to
+    write `marker`, kill -9 the parent and wait for the child to write `marker`.stopped;
+    returns the parent's pid and what the child wrote."""
     parent = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], "
             "sys.argv[2]]); import time; time.sleep(60)",
-            CHILD,
+            child,
             str(marker),
         ],
         env=ENV,
     )
     wait_for(marker.exists, timeout=60, what="the child to start")
-    assert marker.read_text() == str(parent.pid)
+    written = marker.read_text()
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     wait_for(lambda: marker.with_suffix(".stopped").exists(), timeout=10, what="the child to stop")
+    return parent.pid, written
 
 
 @pytest.mark.parametrize(
@@ -751,3 +778,289 @@ def test_params_edited_while_a_dvc_stage_runs_fail_the_stage_so_no_lock_records_
     _, stderr = stage.communicate(timeout=300)
     assert stage.returncode != 0 and (root / "data/store/train/images.npy").exists()
     assert "params.yaml changed while this stage ran: data; " in stderr, stderr[-3000:]
+
+
+# --- jobs, locks and disk (issue 16) ---
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    with open(sys.argv[1], "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit("busy")
+        f.seek(0); f.truncate(); f.write(f"{os.getpid()}\\n"); f.flush()
+        print("locked", flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+@contextlib.contextmanager
+def locked_elsewhere(directory: Path) -> Iterator[int]:
+    """Hold `directory`'s run lock in another process (flock on its lock file, as
+    checkpoints.run_lock takes it), as a job still training would; yields that process's pid."""
+    directory.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory / checkpoints.LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+
+
+def _train_autoencoder(out: Path, ckpt: Path) -> None:
+    from tests.test_autoencoder import TINY as TINY_AE
+
+    train_autoencoder(images(8, 0), cfg=TINY_AE, resolution=8, seed=0, out_dir=out,
+                      checkpoint_dir=ckpt, progress=False)  # fmt: skip
+
+
+def _train_surrogate(out: Path, ckpt: Path) -> None:
+    train_surrogate(images(), cfg=TINY, seed=0, out_dir=out, checkpoint_dir=ckpt, progress=False)
+
+
+def _train_moso(out: Path, ckpt: Path) -> None:
+    train_moso_surrogates(images(), num_subsets=2, cfg=TINY, seed=0, out_dir=out,
+                          checkpoint_dir=ckpt, progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [_train_autoencoder, _train_surrogate, _train_moso])
+def test_every_training_refuses_while_another_process_trains_its_run(tmp_path, training):
+    """A rerun after `--unlock` beside an orphaned job: the second training of one checkpoint
+    folder refuses at once with one line naming the holder, and writes nothing."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    with locked_elsewhere(ckpt) as holder:
+        with pytest.raises(checkpoints.RunLocked) as refused:
+            training(out, ckpt)
+        assert f"another process (pid {holder}) is training this run ({ckpt / 'lock'}" in str(
+            refused.value
+        )
+        assert "\n" not in str(refused.value)
+    assert not out.exists() and sorted(p.name for p in ckpt.iterdir()) == [checkpoints.LOCK]
+
+
+def test_a_process_enters_a_run_lock_it_holds_and_releases_it_once(tmp_path):
+    """A surrogate holds its run's lock around train(), which takes the same lock."""
+    ckpt = tmp_path / "ckpt"
+    with checkpoints.run_lock(ckpt), checkpoints.run_lock(ckpt):
+        (ckpt / checkpoints.LATEST).write_bytes(b"x")
+    with (
+        locked_elsewhere(ckpt) as holder,  # released: another process takes it
+        pytest.raises(checkpoints.RunLocked, match=f"pid {holder}"),
+        checkpoints.run_lock(ckpt),
+    ):
+        pass
+
+
+def test_every_workflow_script_calls_setup_first():
+    """logs.setup starts the orphan watchdog, so every job (embed, autoencoder, score, ...) stops
+    itself when Snakemake is killed: each script calls it before any work."""
+    scripts = sorted((REPO / "workflow" / "scripts").glob("*.py"))
+    assert len(scripts) >= 16
+    for script in scripts:
+        body = [
+            node
+            for node in ast.parse(script.read_text()).body
+            if not isinstance(node, ast.Import | ast.ImportFrom)
+            and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+        ]
+        first = body[0]
+        assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Call), script.name
+        assert ast.unparse(first.value.func) == "setup", f"{script.name}: {ast.unparse(first)}"
+
+
+SETUP_CHILD = textwrap.dedent(
+    """
+    import sys, threading, time
+    from pathlib import Path
+    from diffprune import logs
+    def watchdogs():
+        return sum(t.name == "stop-when-orphaned" for t in threading.enumerate())
+    logs.setup(sys.argv[1] + ".log")
+    after_setup = watchdogs()
+    watched = logs.stop_when_orphaned()  # a second call: the watchdog setup started
+    Path(sys.argv[1]).write_text(f"{watched} {after_setup} {watchdogs()}")
+    try:
+        time.sleep(60)
+    except SystemExit:
+        Path(sys.argv[1]).with_suffix(".stopped").write_text("stopped")
+        raise
+    """
+)
+
+
+def test_a_job_set_up_by_logs_setup_stops_when_its_parent_dies(tmp_path):
+    """What every workflow script does first (logs.setup) starts one watchdog: kill -9 the job's
+    parent and the job stops itself, saying why in its log."""
+    parent, written = orphan_stops(SETUP_CHILD, tmp_path / "job")
+    assert written == f"[{parent}] 1 1"  # one watchdog, started by setup
+    log = (tmp_path / "job.log").read_text()
+    assert f"stopping: process {parent}, which started this job" in log
+
+
+@pytest.fixture
+def tiny_disk(tmp_path) -> Iterator[Path]:
+    """A 2 MiB file system (tmpfs), to fill for real; skipped where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        # lazy: a caught exception's frames may still hold a file open there
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def disk_full_line(text: str, path: Path, needed: int | None = None) -> str:
+    """The DiskFull line of `text`, checked to name `path` and the bytes needed and available."""
+    lines = [line for line in text.splitlines() if "DiskFull: " in line]
+    assert lines, text[-2000:]
+    bytes_needed = str(needed) if needed else r"\d+"
+    expected = rf"{re.escape(str(path))}: {bytes_needed} bytes needed, \d+ available; "
+    assert re.search(expected, lines[-1]), lines[-1]
+    return lines[-1]
+
+
+STORE_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, pandas as pd
+    from diffprune.data.store import write_store
+    n = 2000  # 8 MB of 64 x 64 gray images on a 2 MiB disk
+    batches = (np.full((100, 64, 64, 1), 7, np.uint8) for _ in range(n // 100))
+    write_store(sys.argv[1], batches, (n, 64, 64, 1), pd.DataFrame({"sample_id": range(n)}), {})
+    """
+)
+
+
+def test_a_full_disk_stops_a_memory_mapped_write_with_one_line_not_sigbus(tiny_disk):
+    """The store written through a memory map onto a full disk: before, SIGBUS (exit 135) and an
+    8 MB hidden temporary; now one line naming images.npy and the bytes, and nothing left."""
+    store = tiny_disk / "store"
+    done = subprocess.run(
+        [sys.executable, "-c", STORE_WRITER, str(store)], capture_output=True, text=True, env=ENV
+    )
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    disk_full_line(done.stderr, store / "images.npy", 2000 * 64 * 64 + 128)
+    assert list(store.iterdir()) == []
+
+
+def test_a_memory_map_that_cannot_be_allocated_is_disk_full_and_removed(tiny_disk, monkeypatch):
+    """Past the free-space check (another writer took the space meanwhile), the allocation
+    itself fails as one DiskFull line, before any page is written through the map."""
+    monkeypatch.setattr(io, "check_space", lambda path, nbytes: None)
+    out = tiny_disk / "embeddings.npy"
+    with pytest.raises(DiskFull) as full:
+        embed_to_file(images(), SimpleNamespace(dim=1_000_000), out, progress=False)
+    disk_full_line(f"DiskFull: {full.value}", out, 12 * 1_000_000 * 4 + 128)
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_latest(tiny_disk, monkeypatch):
+    """Before: `RuntimeError: [enforce fail at inline_container.cc:672]`. Now: one line naming
+    latest.pt and the bytes, checked before writing; and if the disk fills while torch.save
+    writes, the same line. latest.pt and previous.pt stay as they were, no temporary is left."""
+    checkpoints.save(tiny_disk, {"key": {}, "step": 1, "w": torch.zeros(10_000)})
+    checkpoints.save(tiny_disk, {"key": {}, "step": 2, "w": torch.ones(10_000)})
+    big = {"key": {}, "step": 3, "w": torch.zeros(1_000_000)}
+    with pytest.raises(DiskFull) as full:
+        checkpoints.save(tiny_disk, big)
+    disk_full_line(f"DiskFull: {full.value}", tiny_disk / checkpoints.LATEST)
+    monkeypatch.setattr(io, "check_space", lambda path, nbytes: None)
+    with pytest.raises(DiskFull) as full:  # the disk fills inside torch.save
+        checkpoints.save(tiny_disk, big)
+    disk_full_line(f"DiskFull: {full.value}", tiny_disk / checkpoints.LATEST)
+    assert "no space left on device" in str(full.value)
+    assert torch.load(tiny_disk / checkpoints.LATEST, weights_only=True)["step"] == 2
+    assert torch.load(tiny_disk / checkpoints.PREVIOUS, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tiny_disk.iterdir()) == [checkpoints.LATEST, checkpoints.PREVIOUS]
+
+
+def _write_store(out: Path) -> None:
+    index = pd.DataFrame({"sample_id": np.arange(12)})
+    write_image_store(out.parent, iter([images()]), (12, 8, 8, 1), index, {})
+
+
+def _write_embeddings(out: Path) -> None:
+    embed_to_file(images(), SimpleNamespace(dim=64), out, progress=False)
+
+
+def _write_checkpoint(out: Path) -> None:
+    checkpoints.save(out.parent, {"key": {}, "step": 1, "w": torch.zeros(64)})
+
+
+def _write_npy(out: Path) -> None:
+    io.save_npy(out, np.zeros(100))
+
+
+@pytest.mark.parametrize(
+    ("writer", "name", "needed"),
+    [
+        (_write_store, "images.npy", 12 * 8 * 8 + 128),
+        (_write_embeddings, "embeddings.npy", 12 * 64 * 4 + 128),
+        (_write_checkpoint, checkpoints.LATEST, 64 * 4 + 1024 + (64 << 10)),
+        (_write_npy, "scores.npy", 800),
+    ],
+)
+def test_a_large_write_checks_the_free_space_first(tmp_path, monkeypatch, writer, name, needed):
+    """Every large write (memory-mapped .npy outputs, checkpoints, arrays) checks the free space
+    of its folder first: one line naming the output and the bytes needed and available, and
+    neither the output nor a temporary is written."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=needed - 1))
+    out = tmp_path / "out" / name
+    with pytest.raises(DiskFull) as full:
+        writer(out)
+    line = disk_full_line(f"DiskFull: {full.value}", out, needed)
+    assert line.endswith(f"{needed - 1} available; free space there, then rerun")
+    assert list(out.parent.iterdir()) == []
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from diffprune import io
+    with io.atomic_path(sys.argv[1]) as tmp:
+        tmp.write_bytes(bytes(10_000_000))
+        print("writing", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_temporaries_of_a_killed_writer_are_removed_when_the_output_is_written_again(tmp_path):
+    """A killed embed left a 10 MB `.embeddings.npy.*.tmp` after a successful rerun. Now the
+    rerun's write of the output removes the temporaries of dead processes (and of older
+    versions, without a pid) and keeps those of a live writer and of other outputs."""
+    out = tmp_path / "embeddings.npy"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait()
+    (killed,) = tmp_path.glob(f".embeddings.npy.{writer.pid}.*.tmp")
+    assert killed.stat().st_size == 10_000_000
+    older = tmp_path / ".embeddings.npy.ab1_cd2e.tmp"
+    older_dir = tmp_path / f".embeddings.npy.{writer.pid}.xyz.tmp"
+    live = tmp_path / f".embeddings.npy.{os.getpid()}.abc.tmp"
+    other = tmp_path / f".embeddings.npy.bak.{writer.pid}.abc.tmp"
+    for path in (older, live, other):
+        path.write_bytes(b"x")
+    older_dir.mkdir()
+    io.save_npy(out, np.zeros(3))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["embeddings.npy", live.name, other.name])

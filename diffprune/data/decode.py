@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from diffprune.errors import ConfigError
-from diffprune.io import load_json, save_json
+from diffprune.io import load_json, open_memmap, save_json
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _open_scratch(
             return out, saved["done"], [tuple(b) for b in saved["bad"]]
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    out = np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=shape)
+    out = open_memmap(images, dtype=np.uint8, shape=shape)  # disk allocated first
     return out, 0, []
 
 

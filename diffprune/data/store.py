@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from diffprune.errors import DataError
-from diffprune.io import atomic_path, load_json, save_json, save_parquet
+from diffprune.io import atomic_path, load_json, open_memmap, save_json, save_parquet
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def write_store(
     """
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "images.npy") as tmp:
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        images = open_memmap(tmp, dtype=np.uint8, shape=shape)  # disk allocated first
         written = 0
         for batch in batches:
             images[written : written + len(batch)] = batch

@@ -7,8 +7,8 @@ classes. In latent space (train.space: latent) it trains on the kept rows' cache
 it scales by the autoencoder's measured factor, and records how to decode them.
 
 A diverged run is written as a failed model folder (diffprune.status), so the rest of the grid
-goes on and the report shows the failure; the last good checkpoint stays for a look. The job
-stops itself when the Snakemake process that started it dies (diffprune.logs.stop_when_orphaned):
+goes on and the report shows the failure; the last good checkpoint stays for a look. Like every
+job, it stops itself when the Snakemake process that started it dies (diffprune.logs.setup):
 a killed Snakemake leaves no training behind that a rerun would run beside.
 
 With train.num_processes N > 1 this file runs itself again through `accelerate launch` on N
@@ -25,12 +25,11 @@ from diffprune.autoencoder import autoencoder_info, load_latents
 from diffprune.data import load_store
 from diffprune.errors import TrainingDiverged
 from diffprune.launch import is_main, launched, relaunch
-from diffprune.logs import setup, stop_when_orphaned
+from diffprune.logs import setup
 from diffprune.status import write_failed_model
 from diffprune.train import train
 
 setup(snakemake.log[0], threads=snakemake.threads)
-stop_when_orphaned()
 cfg, seed = dict(snakemake.params.train), int(snakemake.wildcards.seed)
 processes = cfg.get("num_processes", 1)
 if processes > 1 and not launched():
