@@ -68,6 +68,7 @@ class Clustering:
     seconds: float
     backend: str  # float64 | faiss-cpu | faiss-gpu
     fit_points: int  # points the centroids were fitted on: N, or fit_size
+    fit_seconds: float  # of `seconds`: drawing the sample and fitting; the rest is assignment
 
 
 def validate_embeddings(embeddings: np.ndarray, *, rows: np.ndarray | None = None) -> np.ndarray:
@@ -174,6 +175,7 @@ def kmeans(
     start = time.perf_counter()
     if fit_size is None:
         centroids, assignments, done, backend = _fit(x, k, iterations, seed, init, backend, gpu)
+        fitted = time.perf_counter()
         if assignments is None:
             assignments = _assign_filled(x, centroids)
         squared = _own_sq(x, centroids, assignments)
@@ -181,6 +183,7 @@ def kmeans(
         sample = fit_sample(x, fit_size, seed)
         centroids, _, done, backend = _fit(sample, k, iterations, seed, init, backend, gpu)
         del sample
+        fitted = time.perf_counter()
         assignments, squared = assign_chunked(x, centroids, chunk_rows=chunk_rows)
     seconds = time.perf_counter() - start
     log.info(
@@ -195,6 +198,7 @@ def kmeans(
         seconds,
         backend,
         fit_size or n,
+        fitted - start,
     )
 
 

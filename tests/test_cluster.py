@@ -331,16 +331,19 @@ def test_cluster_script_records_init_backend_and_machine(tmp_path, init):
     )
 
 
-def test_bench_kmeans_rows_have_the_table_columns():
-    spec = importlib.util.spec_from_file_location("bench_kmeans", REPO / "benchmarks" / "kmeans.py")
-    rows_spec = importlib.util.spec_from_file_location(
-        "bench_rows", REPO / "benchmarks" / "rows.py"
+def bench_module(name: str):
+    """benchmarks/<name>.py imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", REPO / "benchmarks" / f"{name}.py"
     )
-    rows_module = importlib.util.module_from_spec(rows_spec)
-    rows_spec.loader.exec_module(rows_module)
-    ROW_KEYS = rows_module.ROW_KEYS
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kmeans_rows_have_the_table_columns():
+    ROW_KEYS = bench_module("rows").ROW_KEYS
+    bench = bench_module("kmeans")
     rows = bench.bench_kmeans(
         n=3000,
         dim=16,
@@ -494,3 +497,22 @@ def test_cluster_script_records_the_fit_sample(tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "clusters.parquet"), clusters_frame(expected)
     )
+
+
+@pytest.mark.parametrize("memory", ["enough", "none"])
+def test_bench_fit_size_rows_have_the_table_columns(tmp_path, monkeypatch, memory):
+    bench = bench_module("kmeans")
+    if memory == "none":  # fitting on all points is skipped: memory rows against the embeddings
+        monkeypatch.setattr(bench, "available_memory", lambda: 0)
+    rows = bench.bench_fit_size(sizes=(300, 900), dim=8, k=4, iterations=2, scratch=tmp_path)
+    assert len(rows) == (6 if memory == "enough" else 3)
+    assert "fit_size = 300 (k * 256), 900 x 8, k = 4" in rows[-1]["benchmark"]
+    for row in rows:
+        assert set(row) == set(bench_module("rows").ROW_KEYS)
+        assert row["value"] > 0 and row["ratio"] == pytest.approx(
+            row["baseline_value"] / row["value"]
+        )
+    assert not list(tmp_path.iterdir())  # the scratch data is gone
+    assert bench.rows_that_fit(10**7, 384, free_bytes=20 * 2**30, reserve=2**30) == 10**7
+    # 9 GiB left after the reserve hold 6,291,456 rows of 384 float32 (1,536 bytes)
+    assert bench.rows_that_fit(10**7, 384, free_bytes=10 * 2**30, reserve=2**30) == 6_291_456

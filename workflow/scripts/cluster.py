@@ -40,6 +40,7 @@ io.save_json(
         "machine": machine(),
         "cluster_sizes": sizes.tolist(),
         "seconds": clustering.seconds,
+        "fit_seconds": clustering.fit_seconds,  # the rest of `seconds` assigned every point
         "embedder": io.load_json(snakemake.input.embeddings_meta)["model"],
         "provenance": io.provenance(params=cfg, inputs={"embeddings": snakemake.input.embeddings}),
     },
