@@ -11,6 +11,8 @@ baseline), notes; this script adds the machine and writes results/bench/bench.cs
 - grand.py: batched GraNd against the reference's batch-size-1 loop;
 - kmeans.py: the afk-mc2 and k-means++ starts and a Lloyd iteration at ImageNet scale, and the
   float64 path against faiss at the default study's size.
+- kmeans.py (bench_fit_size): k-means beyond memory, cluster.fit_size's sampled fit and chunked
+  assignment on memory-mapped 1.28M x 384 and 10M x 384 sets, against fitting on all points.
 
 `--quick` runs small sizes (a smoke run, minutes); it writes nothing unless `--out` says
 where. The GPU check is separate: benchmarks/gpu_check.py.
@@ -28,7 +30,7 @@ from evaluation import bench_evaluate
 from fd import bench_fd
 from grand import bench_grand
 from imports import bench_imports
-from kmeans import bench_kmeans
+from kmeans import bench_fit_size, bench_kmeans
 from rows import ROW_KEYS, machine, machine_label
 
 from diffprune.io import atomic_path, code_version
@@ -50,6 +52,12 @@ def benchmarks(quick: bool) -> list:
                 bench_kmeans(n=100_000, k=100, objective_size=(20_000, 50))
                 if quick
                 else bench_kmeans()
+            ),
+        ),
+        (
+            "kmeans-fit-size",
+            lambda: (
+                bench_fit_size(sizes=(20_000, 100_000), dim=64, k=50) if quick else bench_fit_size()
             ),
         ),
     ]

@@ -16,8 +16,11 @@ Two paths, chosen by size (`backend="auto"`):
   faiss has GPU support, else on the CPU, in float32. Its centroids can differ across CPUs and
   GPUs; the final assignment and distances are the exact float64 ones for those centroids.
 
-Both run Lloyd iterations on ALL points (faiss's default would silently subsample to 256 points
-per centroid) from a seeded k-means++ start (or afk-mc2, a cheaper approximation of it). faiss's
+Both run Lloyd iterations on ALL points by default (faiss's default would silently subsample to
+256 points per centroid) from a seeded k-means++ start (or afk-mc2, a cheaper approximation of it).
+Beyond memory, `fit_size` fits the centroids on a seeded sample of that many points (held in
+memory) and then assigns every point in chunks read from the (memory-mapped) embeddings, with the
+same exact assignment as above: chunking cannot change a point's cluster or distance. faiss's
 default start (k random points, init="random") ended in a local optimum that merges two blobs for
 5 of 30 seeds on three well-separated Gaussian blobs; k-means++ for none.
 
@@ -64,11 +67,34 @@ class Clustering:
     iterations: int  # Lloyd iterations run (float64: fewer once the assignment is stable)
     seconds: float
     backend: str  # float64 | faiss-cpu | faiss-gpu
+    fit_points: int  # points the centroids were fitted on: N, or fit_size
+    fit_seconds: float  # of `seconds`: drawing the sample and fitting; the rest is assignment
 
 
-def validate_embeddings(embeddings: np.ndarray) -> np.ndarray:
-    """Return the embeddings as a C-contiguous float32 (N, D) array, or raise DataError."""
+def validate_embeddings(embeddings: np.ndarray, *, rows: np.ndarray | None = None) -> np.ndarray:
+    """Return the embeddings as a C-contiguous float32 (N, D) array, or raise DataError.
+
+    `rows`: the file's row numbers of these rows, named in the error when they are a chunk or a
+    sample of a file.
+    """
     embeddings = np.asarray(embeddings)
+    _check_shape(embeddings)
+    with np.errstate(over="ignore"):  # values beyond float32 range become inf: reported below
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    # A float64 row sum of float32 values cannot overflow, so it is non-finite iff the row is.
+    bad = ~np.isfinite(x.sum(axis=1, dtype=np.float64))
+    if bad.any():
+        which = "rows" if rows is None else "rows read"
+        first = int(np.argmax(bad)) if rows is None else int(rows[np.argmax(bad)])
+        raise DataError(
+            f"embeddings contain NaN or inf in {int(bad.sum())} of {len(bad)} {which} "
+            f"(first: row {first})"
+        )
+    return x
+
+
+def _check_shape(embeddings: np.ndarray) -> None:
+    """A non-empty 2-D array of real numbers, checked without reading its values."""
     if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
         raise DataError(
             f"embeddings must be a non-empty 2-D array (N, D), got shape {embeddings.shape}"
@@ -77,16 +103,6 @@ def validate_embeddings(embeddings: np.ndarray) -> np.ndarray:
         embeddings.dtype, np.complexfloating
     ):
         raise DataError(f"embeddings must be real numbers, got dtype {embeddings.dtype}")
-    with np.errstate(over="ignore"):  # values beyond float32 range become inf: reported below
-        x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    # A float64 row sum of float32 values cannot overflow, so it is non-finite iff the row is.
-    bad = ~np.isfinite(x.sum(axis=1, dtype=np.float64))
-    if bad.any():
-        raise DataError(
-            f"embeddings contain NaN or inf in {int(bad.sum())} of {len(bad)} rows "
-            f"(first: row {int(np.argmax(bad))})"
-        )
-    return x
 
 
 def validate_k(k: int, n: int, *, key: str = "k") -> int:
@@ -105,6 +121,23 @@ def validate_k(k: int, n: int, *, key: str = "k") -> int:
     return int(k)
 
 
+def validate_fit_size(fit_size: int | None, k: int, n: int, *, key: str = "fit_size") -> int | None:
+    """fit_size must be null (fit on all points) or an integer in [k, n]: the sample must hold at
+    least one point per centroid and cannot exceed the data."""
+    if fit_size is None:
+        return None
+    if (
+        isinstance(fit_size, bool)
+        or not isinstance(fit_size, int | np.integer)
+        or not (k <= fit_size <= n)
+    ):
+        raise ConfigError(
+            f"{key} = {fit_size!r}: must be null (all {n} points) or an integer in "
+            f"[k, N] = [{k}, {n}]"
+        )
+    return int(fit_size)
+
+
 def kmeans(
     embeddings: np.ndarray,
     *,
@@ -115,39 +148,48 @@ def kmeans(
     init: str = "k-means++",
     backend: str = "auto",
     key: str = "k",
+    fit_size: int | None = None,
+    fit_key: str = "fit_size",
+    chunk_rows: int | None = None,
 ) -> Clustering:
     """Cluster (N, D) embeddings into k clusters (see the module docstring for the two paths).
 
-    `key` names k's source in the error when k is out of range (e.g. cluster.k).
+    `key` and `fit_key` name k's and fit_size's sources in their errors (e.g. cluster.k).
+    fit_size None fits on all points, in memory; an integer fits on a seeded sample of that many
+    points, then assigns all points `chunk_rows` at a time (default: about 128 MB of float64
+    temporaries), so `embeddings` can be a memory map larger than memory.
 
     Seeded. The float64 path gives the same bytes on any CPU; the faiss path (GPU when `device`
     resolves to CUDA and faiss has GPU support, the `gpu` extra) the same on the same hardware.
     """
-    x = validate_embeddings(embeddings)
-    n, dim = x.shape
+    x = np.asarray(embeddings)  # a memory map's view: nothing is read yet
+    _check_shape(x)
+    if fit_size is None:
+        x = validate_embeddings(x)  # else validated chunk by chunk as it is read
+    n = len(x)
     k = validate_k(k, n, key=key)
-    if iterations < 1:
-        raise ConfigError(f"k-means iterations must be at least 1, got {iterations}")
-    if not 0 <= seed < 2**31:
-        raise ConfigError(f"k-means seed must be in [0, 2**31), got {seed}")
-    if init not in INITS:
-        raise ConfigError(f"unknown k-means init {init!r}; allowed: {', '.join(INITS)}")
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown k-means backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "float64" if n * k * dim <= EXACT_MAX_WORK else "faiss"
+    fit_size = validate_fit_size(fit_size, k, n, key=fit_key)
+    _check_options(iterations, seed, init, backend)
     gpu = _use_gpu(device)  # validates `device` on both paths; float64 always runs on the CPU
 
     start = time.perf_counter()
-    if backend == "float64":
-        centroids, assignments, done = _lloyd64(x, k, iterations, seed, init)
+    if fit_size is None:
+        centroids, assignments, done, backend = _fit(x, k, iterations, seed, init, backend, gpu)
+        fitted = time.perf_counter()
+        if assignments is None:
+            assignments = _assign_filled(x, centroids)
+        squared = _own_sq(x, centroids, assignments)
     else:
-        centroids = _faiss_centroids(x, k, iterations, seed, init, gpu).astype(np.float64)
-        assignments = _assign_filled(x, centroids)
-        done, backend = iterations, "faiss-gpu" if gpu else "faiss-cpu"
-    squared = _own_sq(x, centroids, assignments)
+        sample = fit_sample(x, fit_size, seed)
+        centroids, _, done, backend = _fit(sample, k, iterations, seed, init, backend, gpu)
+        del sample
+        fitted = time.perf_counter()
+        assignments, squared = assign_chunked(x, centroids, chunk_rows=chunk_rows)
     seconds = time.perf_counter() - start
-    log.info("k-means (%s): %d points, k=%d, %d iterations in %.1f s", backend, n, k, done, seconds)
+    log.info(
+        "k-means (%s): %d points (fitted on %d), k=%d, %d iterations in %.1f s",
+        *(backend, n, fit_size or n, k, done, seconds),
+    )
     return Clustering(
         centroids.astype(np.float32),
         assignments,
@@ -155,7 +197,41 @@ def kmeans(
         done,
         seconds,
         backend,
+        fit_size or n,
+        fitted - start,
     )
+
+
+def fit_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` rows drawn without replacement with `seed`, in row order (a sequential read of a
+    memory map), validated as float32; all rows, unchanged, when size is N."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(embeddings), size=size, replace=False))
+    return validate_embeddings(embeddings[rows], rows=rows)
+
+
+def assign_chunked(
+    embeddings: np.ndarray, centroids: np.ndarray, *, chunk_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's nearest centroid and exact squared distance to it, `chunk_rows` rows at a time.
+
+    The same bytes as `_assign_filled` then `_own_sq` on all rows in memory: each row's result
+    depends on that row and the centroids only (`_assign` is exact), and an empty cluster takes
+    the same point (`_fill_empty`, which may move `centroids` in place). Memory beyond the (N,)
+    results: one chunk and its temporaries.
+    """
+    n, dim = embeddings.shape
+    step = chunk_rows or max(1, _CHUNK_ELEMENTS // max(len(centroids), dim))
+    assignments = np.empty(n, dtype=np.int64)
+    squared = np.empty(n)
+    for lo in range(0, n, step):
+        rows = validate_embeddings(
+            embeddings[lo : lo + step], rows=np.arange(lo, min(lo + step, n))
+        )
+        assignments[lo : lo + step] = _assign(rows, centroids)
+        squared[lo : lo + step] = _own_sq(rows, centroids, assignments[lo : lo + step])
+    if np.bincount(assignments, minlength=len(centroids)).min() == 0:
+        _fill_empty(embeddings, centroids, assignments, squared)
+    return assignments, squared
 
 
 def machine() -> dict[str, object]:
@@ -178,6 +254,31 @@ def clusters_frame(clustering: Clustering) -> pd.DataFrame:
             "distance": clustering.distances.astype(np.float32),
         }
     )
+
+
+def _check_options(iterations: int, seed: int, init: str, backend: str) -> None:
+    if iterations < 1:
+        raise ConfigError(f"k-means iterations must be at least 1, got {iterations}")
+    if not 0 <= seed < 2**31:
+        raise ConfigError(f"k-means seed must be in [0, 2**31), got {seed}")
+    if init not in INITS:
+        raise ConfigError(f"unknown k-means init {init!r}; allowed: {', '.join(INITS)}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown k-means backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def _fit(
+    x: np.ndarray, k: int, iterations: int, seed: int, init: str, backend: str, gpu: bool
+) -> tuple[np.ndarray, np.ndarray | None, int, str]:
+    """Centroids (float64) fitted on x, x's assignments (float64 path only: faiss's are not the
+    exact ones), Lloyd rounds run, and the backend that ran (`auto` chosen by n * k * d)."""
+    if backend == "auto":
+        backend = "float64" if x.size * k <= EXACT_MAX_WORK else "faiss"
+    if backend == "float64":
+        centroids, assignments, done = _lloyd64(x, k, iterations, seed, init)
+        return centroids, assignments, done, backend
+    centroids = _faiss_centroids(x, k, iterations, seed, init, gpu).astype(np.float64)
+    return centroids, None, iterations, "faiss-gpu" if gpu else "faiss-cpu"
 
 
 def _use_gpu(device: str) -> bool:
@@ -392,7 +493,7 @@ def _fill_empty(
         counts[assignments[donor]] -= 1
         counts[cluster] = 1
         assignments[donor] = cluster
-        centroids[cluster] = x[donor]
+        centroids[cluster] = np.asarray(x[donor], dtype=np.float32)  # x may be a raw memmap
         squared[donor] = 0.0
     if len(empty):
         log.debug(

@@ -213,12 +213,20 @@ def _kept_problems(ratios: list[float], images: tuple[int, str] | None) -> list[
 
 def _cluster_problems(params: dict[str, Any]) -> list[str]:
     k, images = params["cluster"]["k"], _train_images(params["data"])
-    if images is None or k <= images[0]:
-        return []
-    return [
-        f"cluster.k = {k}: must be <= the number of training images clustered, "
-        f"{images[0]} ({images[1]})"
-    ]
+    fit_size = params["cluster"].get("fit_size")
+    problems = []
+    if images is not None and k > images[0]:
+        problems.append(
+            f"cluster.k = {k}: must be <= the number of training images clustered, "
+            f"{images[0]} ({images[1]})"
+        )
+    if fit_size is not None and (fit_size < k or (images is not None and fit_size > images[0])):
+        upper = "the number of training images" if images is None else f"{images[0]} ({images[1]})"
+        problems.append(
+            f"cluster.fit_size = {fit_size}: must be null (fit on all points) or in "
+            f"[cluster.k, N] = [{k}, {upper}]"
+        )
+    return problems
 
 
 def _score_problems(params: dict[str, Any]) -> list[str]:

@@ -91,6 +91,10 @@ CASES = [
     # sizes against the data
     case("cluster.k", 20000, "cluster.k = 20000: must be <= the number of training images"),
     case("cluster.k", 70000, "60000 (all of fashion-mnist's train split", data__train_size=None),
+    case("cluster.fit_size", 5, "must be null (fit on all points) or in [cluster.k, N] = [10, 1"),
+    case("cluster.fit_size", 20000, "[cluster.k, N] = [10, 10000 (data.train_size)]"),
+    case("cluster.fit_size", 0, "cluster.fit_size = 0: must be >= 1"),
+    case("cluster.fit_size", 2.5, "cluster.fit_size = 2.5 has the wrong type"),
     case("data.train_size", 70000, "must be <= 60000 (fashion-mnist's train split), or null"),
     case("data.test_size", 20000, "data.test_size = 20000: must be <= 10000"),
     case("skew.size", 20000, "<= the number of training images, 10000", skew__arms=["random"]),

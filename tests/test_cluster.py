@@ -4,6 +4,7 @@ import os
 import platform
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,14 @@ from script_helpers import fake_snakemake, files, run_script
 from diffprune import cluster, io
 from diffprune.cluster import (
     _assign,
+    _assign_filled,
     _exact_sq,
+    _own_sq,
+    assign_chunked,
     clusters_frame,
     kmeans,
     validate_embeddings,
+    validate_fit_size,
     validate_k,
 )
 from diffprune.errors import ConfigError, DataError
@@ -317,6 +322,7 @@ def test_cluster_script_records_init_backend_and_machine(tmp_path, init):
     run_script("cluster", smk)
     meta = io.load_json(tmp_path / "clusters.json")
     assert meta["init"] == init and meta["backend"] == "float64"
+    assert meta["fit_points"] == 60 and meta["fit_on_all_points"] is True
     assert 1 <= meta["iterations_run"] <= 20
     assert meta["machine"]["faiss_simd"] and meta["machine"]["cpu"]
     expected = kmeans(x, k=3, iterations=20, seed=4, init=init)
@@ -325,16 +331,19 @@ def test_cluster_script_records_init_backend_and_machine(tmp_path, init):
     )
 
 
-def test_bench_kmeans_rows_have_the_table_columns():
-    spec = importlib.util.spec_from_file_location("bench_kmeans", REPO / "benchmarks" / "kmeans.py")
-    rows_spec = importlib.util.spec_from_file_location(
-        "bench_rows", REPO / "benchmarks" / "rows.py"
+def bench_module(name: str):
+    """benchmarks/<name>.py imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", REPO / "benchmarks" / f"{name}.py"
     )
-    rows_module = importlib.util.module_from_spec(rows_spec)
-    rows_spec.loader.exec_module(rows_module)
-    ROW_KEYS = rows_module.ROW_KEYS
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kmeans_rows_have_the_table_columns():
+    ROW_KEYS = bench_module("rows").ROW_KEYS
+    bench = bench_module("kmeans")
     rows = bench.bench_kmeans(
         n=3000,
         dim=16,
@@ -350,3 +359,160 @@ def test_bench_kmeans_rows_have_the_table_columns():
         assert set(row) == set(ROW_KEYS)
         assert row["value"] > 0 and row["baseline_value"] > 0
         assert row["ratio"] == pytest.approx(row["baseline_value"] / row["value"])
+
+
+# --------------------------------------------------------------- cluster.fit_size: beyond memory
+# SHA-256 of centroids, assignments and distances from kmeans(overlapping(), k=8, seed=1) at
+# commit 86e886c, before fit_size existed: fit_size null must keep every byte.
+BEFORE_FIT_SIZE = {
+    "k-means++": "d81dbdfc529011e6d3bbe8e2dc211c73a55aae82590a8db8c5416d9048ee729b",
+    "afk-mc2": "769948a6d9376c8d8c1051363eedf51e5c80b2752a548d396229ddac675bfc4e",
+}
+
+
+def clustering_digest(result: cluster.Clustering) -> str:
+    digest = hashlib.sha256()
+    for array in (result.centroids, result.assignments, result.distances):
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def same_bytes(a: cluster.Clustering, b: cluster.Clustering) -> bool:
+    return clustering_digest(a) == clustering_digest(b)
+
+
+def save_memmap(path: Path, x: np.ndarray) -> np.memmap:
+    np.save(path, x)
+    return np.load(path, mmap_mode="r")
+
+
+@pytest.mark.parametrize("init", sorted(BEFORE_FIT_SIZE))
+def test_fit_size_null_keeps_the_clusters_of_before_and_n_gives_the_same(init, tmp_path):
+    x = overlapping()
+    result = kmeans(x, k=8, seed=1, init=init, device="cpu")
+    assert clustering_digest(result) == BEFORE_FIT_SIZE[init]
+    assert result.fit_points == len(x)
+    # a sample of all N points is all points in order: the same fit, then a chunked assignment
+    mapped = save_memmap(tmp_path / "x.npy", x)
+    every = kmeans(mapped, k=8, seed=1, init=init, device="cpu", fit_size=len(x), chunk_rows=300)
+    assert same_bytes(every, result)
+
+
+def test_fit_size_sample_is_seeded_and_assigns_every_point(tmp_path):
+    x = overlapping()
+    mapped = save_memmap(tmp_path / "x.npy", x)
+    first = kmeans(mapped, k=8, seed=1, device="cpu", fit_size=400)
+    again = kmeans(mapped, k=8, seed=1, device="cpu", fit_size=400, chunk_rows=123)
+    other = kmeans(mapped, k=8, seed=2, device="cpu", fit_size=400)
+    assert same_bytes(first, again) and not same_bytes(first, other)
+    assert first.fit_points == 400 and len(first.assignments) == len(x)
+    assert not same_bytes(first, kmeans(x, k=8, seed=1, device="cpu"))  # fitted on fewer points
+    centroids = first.centroids.astype(np.float64)
+    np.testing.assert_array_equal(first.assignments, _exact_sq(x, centroids).argmin(axis=1))
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_chunked_assignment_equals_the_in_memory_one(tmp_path, empty):
+    x = overlapping(n=3000)
+    centroids = kmeans(x[::7], k=6, seed=0, device="cpu").centroids.astype(np.float64)
+    if empty:  # a centroid no point is nearest to: filled with the same point both ways
+        centroids = np.vstack([centroids, np.full((1, x.shape[1]), 100.0)])
+    mapped = save_memmap(tmp_path / "x.npy", x)
+    memory_centroids, chunk_centroids = centroids.copy(), centroids.copy()
+    expected = _assign_filled(x, memory_centroids)
+    expected_sq = _own_sq(x, memory_centroids, expected)
+    got, got_sq = assign_chunked(mapped, chunk_centroids, chunk_rows=257)
+    assert got.tobytes() == expected.tobytes() and got_sq.tobytes() == expected_sq.tobytes()
+    assert chunk_centroids.tobytes() == memory_centroids.tobytes()
+    assert (np.bincount(got) > 0).all() and empty == (
+        not np.array_equal(chunk_centroids, centroids)
+    )
+
+
+def test_fit_size_memory_is_the_sample_and_one_chunk_not_the_embeddings(tmp_path):
+    n, dim = 100_000, 128
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float32, (n, dim))
+    rng = np.random.default_rng(0)
+    for lo in range(0, n, 10_000):
+        mapped[lo : lo + 10_000] = rng.standard_normal((10_000, dim), dtype=np.float32)
+    mapped.flush()
+    del mapped
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    cap = mapped.nbytes // 8  # 6.4 MB: the (N,) results are 1.6 MB, a chunk of 512 rows 0.5 MB
+    tracemalloc.start()
+    try:
+        result = kmeans(mapped, k=4, seed=0, device="cpu", fit_size=1000, chunk_rows=512)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(result.assignments) == n and result.fit_points == 1000
+    assert peak < cap, f"peak {peak} bytes for {mapped.nbytes} bytes of embeddings"
+
+
+@pytest.mark.parametrize("fit_size", [2, 11, 2.5, True, "all"])
+def test_bad_fit_size_is_one_line_naming_key_value_and_range(fit_size):
+    expected = f"cluster.fit_size = {fit_size!r}: must be null (all 10 points) or an integer in "
+    with pytest.raises(ConfigError) as info:
+        kmeans(np.zeros((10, 2)), k=3, fit_size=fit_size, fit_key="cluster.fit_size", device="cpu")
+    assert str(info.value) == expected + "[k, N] = [3, 10]"
+    assert validate_fit_size(None, 3, 10) is None and validate_fit_size(10, 3, 10) == 10
+
+
+def test_nan_outside_the_fit_sample_names_its_row_in_the_file(tmp_path):
+    x = overlapping(n=1000)
+    sample_rows = np.sort(np.random.default_rng(0).choice(1000, size=100, replace=False))
+    outside = int(np.setdiff1d(np.arange(1000), sample_rows)[-1])
+    x[outside, 3] = np.nan
+    mapped = save_memmap(tmp_path / "x.npy", x)
+    match = rf"NaN or inf in 1 of 100 rows read \(first: row {outside}\)"  # chunk 900..999
+    with pytest.raises(DataError, match=match):
+        kmeans(mapped, k=4, seed=0, device="cpu", fit_size=100, chunk_rows=300)
+    x[outside, 3] = 0
+    x[sample_rows[5], 0] = np.inf
+    with pytest.raises(DataError, match=rf"\(first: row {sample_rows[5]}\)"):
+        kmeans(save_memmap(tmp_path / "y.npy", x), k=4, seed=0, device="cpu", fit_size=100)
+
+
+def test_cluster_script_records_the_fit_sample(tmp_path):
+    x, _ = blobs(n_per=20)
+    io.save_npy(tmp_path / "embeddings.npy", x.astype(np.float32))
+    io.save_json(tmp_path / "embeddings.json", {"model": "blobs"})
+    cfg = {"k": 3, "iterations": 20, "seed": 4, "device": "cpu", "fit_size": 30}
+    smk = fake_snakemake(
+        input=files(
+            embeddings=tmp_path / "embeddings.npy", embeddings_meta=tmp_path / "embeddings.json"
+        ),
+        output=files(
+            clusters=tmp_path / "clusters.parquet",
+            centroids=tmp_path / "centroids.npy",
+            meta=tmp_path / "clusters.json",
+        ),
+        params={"cluster": cfg},
+        log=tmp_path / "cluster.log",
+    )
+    run_script("cluster", smk)
+    meta = io.load_json(tmp_path / "clusters.json")
+    assert meta["fit_points"] == 30 and meta["fit_on_all_points"] is False
+    expected = kmeans(x, k=3, iterations=20, seed=4, device="cpu", fit_size=30)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "clusters.parquet"), clusters_frame(expected)
+    )
+
+
+@pytest.mark.parametrize("memory", ["enough", "none"])
+def test_bench_fit_size_rows_have_the_table_columns(tmp_path, monkeypatch, memory):
+    bench = bench_module("kmeans")
+    if memory == "none":  # fitting on all points is skipped: memory rows against the embeddings
+        monkeypatch.setattr(bench, "available_memory", lambda: 0)
+    rows = bench.bench_fit_size(sizes=(300, 900), dim=8, k=4, iterations=2, scratch=tmp_path)
+    assert len(rows) == (6 if memory == "enough" else 3)
+    assert "fit_size = 300 (k * 256), 900 x 8, k = 4" in rows[-1]["benchmark"]
+    for row in rows:
+        assert set(row) == set(bench_module("rows").ROW_KEYS)
+        assert row["value"] > 0 and row["ratio"] == pytest.approx(
+            row["baseline_value"] / row["value"]
+        )
+    assert not list(tmp_path.iterdir())  # the scratch data is gone
+    assert bench.rows_that_fit(10**7, 384, free_bytes=20 * 2**30, reserve=2**30) == 10**7
+    # 9 GiB left after the reserve hold 6,291,456 rows of 384 float32 (1,536 bytes)
+    assert bench.rows_that_fit(10**7, 384, free_bytes=10 * 2**30, reserve=2**30) == 6_291_456

@@ -21,7 +21,8 @@ rule embed:
 
 
 rule cluster:
-    """faiss k-means on all embeddings: each sample's cluster and distance to its centroid."""
+    """k-means on the embeddings (fitted on all, or with cluster.fit_size on a seeded sample):
+    each sample's cluster and distance to its centroid."""
     input:
         embeddings=paths.embeddings(),
         embeddings_meta=paths.embeddings_meta(),

@@ -10,7 +10,8 @@ from diffprune.logs import setup
 setup(snakemake.log[0], threads=snakemake.threads)
 faiss.omp_set_num_threads(snakemake.threads)
 cfg = snakemake.params.cluster
-embeddings = np.load(snakemake.input.embeddings)
+# a memory map: with cluster.fit_size, only the fit sample and one chunk are ever in memory
+embeddings = np.load(snakemake.input.embeddings, mmap_mode="r")
 clustering = kmeans(
     embeddings,
     k=cfg["k"],
@@ -19,6 +20,8 @@ clustering = kmeans(
     init=cfg.get("init", "k-means++"),
     device=cfg.get("device", "auto"),
     key="cluster.k",
+    fit_size=cfg.get("fit_size"),
+    fit_key="cluster.fit_size",
 )
 io.save_parquet(snakemake.output.clusters, clusters_frame(clustering))
 io.save_npy(snakemake.output.centroids, clustering.centroids)
@@ -31,9 +34,13 @@ io.save_json(
         # float64: the same clusters on any CPU; faiss-*: float32, may differ across machines
         "backend": clustering.backend,
         "iterations_run": clustering.iterations,
+        # the centroids were fitted on these many points (a seeded sample unless all of them)
+        "fit_points": clustering.fit_points,
+        "fit_on_all_points": clustering.fit_points == len(clustering.assignments),
         "machine": machine(),
         "cluster_sizes": sizes.tolist(),
         "seconds": clustering.seconds,
+        "fit_seconds": clustering.fit_seconds,  # the rest of `seconds` assigned every point
         "embedder": io.load_json(snakemake.input.embeddings_meta)["model"],
         "provenance": io.provenance(params=cfg, inputs={"embeddings": snakemake.input.embeddings}),
     },
