@@ -61,7 +61,7 @@ import torch
 import yaml
 
 from diffprune import checkpoints, io, logs
-from diffprune.autoencoder import train_autoencoder
+from diffprune.autoencoder_train import train_autoencoder
 from diffprune.config import validate_params
 from diffprune.data import load_store
 from diffprune.data.store import write_store as write_image_store
