@@ -17,6 +17,9 @@
 - Changed image folder: added, removed and replaced images rerun the store and what follows
   (tests/test_data_fingerprint.py); DVC hashes the folder as a dep of the store's stages
   (tests/test_dvc_agreement.py::test_an_image_folder_source_is_a_dvc_dep_of_its_store).
+- Pixels of any PIL mode (float, 32-bit integer, 16-bit, 1, P, LA, RGBA, CMYK, YCbCr): scaled to
+  8 bits by the rule of diffprune.data.decode.to_8bit, or refused and listed in bad_images with
+  the reason, never stored wrong (test_every_pil_mode_*).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from diffprune import checkpoints, io, logs
 from diffprune.config import validate_params
-from diffprune.data import load_store
+from diffprune.data import build, load_store
 from diffprune.errors import ConfigError
 from diffprune.evaluate import metrics_record
 from diffprune.report import collect, table
@@ -547,3 +551,51 @@ def test_a_finished_run_leaves_no_lock_file_or_checkpoint_folder(tmp_path):
     with checkpoints.run_lock(ckpt):
         pass
     assert (ckpt / checkpoints.LOCK).exists()
+
+
+# --- data correctness (issue 16) ---
+
+
+def _mode_images(folder: Path) -> dict[str, int | None]:
+    """One 4x4 image per PIL mode, and the 8-bit gray each must give (None: refused)."""
+    folder.mkdir()
+    flat = np.full((4, 4), 0.9, np.float32)
+    cases = {
+        "float01.tif": (Image.fromarray(flat), 230),  # 0.9 * 255 = 229.5 -> 230 (round half even)
+        "float255.tif": (Image.fromarray(flat * 255), None),  # floats outside [0, 1]
+        "floatnan.tif": (Image.fromarray(np.full((4, 4), np.nan, np.float32)), None),
+        "int32.tif": (Image.fromarray(np.full((4, 4), 230, np.int32)), None),
+        "u16.tif": (Image.fromarray(np.full((4, 4), 0x8080, np.uint16)), 128),
+        "u16.png": (Image.fromarray(np.full((4, 4), 0xE6E6, np.uint16)), 230),
+        "u16b.tif": (Image.fromarray(np.full((4, 4), 0x8080, ">u2")), 128),  # mode I;16B
+        "bilevel.png": (Image.new("1", (4, 4), 1), 255),
+        "palette.png": (Image.new("P", (4, 4), 0), 0),
+        "la.png": (Image.new("LA", (4, 4), (200, 10)), 200),
+        "rgba.png": (Image.new("RGBA", (4, 4), (200, 200, 200, 10)), 200),
+        "cmyk.tif": (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 255),
+        "ycbcr.tif": (Image.new("YCbCr", (4, 4), (200, 128, 128)), 200),
+    }
+    for name, (image, _) in cases.items():
+        image.save(folder / name)
+    return {name: gray for name, (_, gray) in cases.items()}
+
+
+def test_every_pil_mode_is_scaled_to_8_bits_or_refused_and_listed(tmp_path):
+    """A float32 TIFF of 0.9 used to be stored as 0 and an int32 TIFF of 230 as 1, unlisted."""
+    expected = _mode_images(tmp_path / "modes")
+    (tmp_path / "held").mkdir()  # held-out images of their own: no holdout takes from "modes"
+    meta = build.build_store(
+        tmp_path / "store", source="imagefolder", split="train", path=tmp_path / "modes",
+        test_path=tmp_path / "held", image_size=4, channels=1, progress=False,
+    )  # fmt: skip
+    store = load_store(tmp_path / "store")
+    pixels = store.images[..., 0].reshape(len(store), -1)
+    got = dict(zip(store.index["source"], pixels, strict=True))
+    refused = {b["path"]: b["reason"] for b in meta["bad_images"]}
+    for name, gray in expected.items():
+        if gray is None:
+            assert name not in got and name in refused, name
+        else:  # each image is one flat colour, so any resampling keeps it (within rounding)
+            assert name not in refused and np.abs(got[name].astype(int) - gray).max() <= 1, name
+    assert "32-bit integer" in refused["int32.tif"] and "[0, 1]" in refused["float255.tif"]
+    assert "NaN" in refused["floatnan.tif"]
