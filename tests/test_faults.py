@@ -20,6 +20,9 @@
 - Pixels of any PIL mode (float, 32-bit integer, 16-bit, 1, P, LA, RGBA, CMYK, YCbCr): scaled to
   8 bits by the rule of diffprune.data.decode.to_8bit, or refused and listed in bad_images with
   the reason, never stored wrong (test_every_pil_mode_*).
+- Held-out images outside class folders beside training class folders: refused at plan time
+  (the download rule's fingerprint) and by the store; unknown labels refused by the classifier's
+  accuracy, never a false 0.0 (test_a_flat_heldout_folder_*).
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ import yaml
 from PIL import Image
 
 from diffprune import checkpoints, io, logs
+from diffprune.classifier import classifier_accuracy, train_classifier
 from diffprune.config import validate_params
 from diffprune.data import build, load_store
-from diffprune.errors import ConfigError
+from diffprune.data.fingerprint import source_fingerprint
+from diffprune.errors import ConfigError, DataError
 from diffprune.evaluate import metrics_record
 from diffprune.report import collect, table
 from diffprune.train import load_model, train
@@ -599,3 +604,27 @@ def test_every_pil_mode_is_scaled_to_8_bits_or_refused_and_listed(tmp_path):
             assert name not in refused and np.abs(got[name].astype(int) - gray).max() <= 1, name
     assert "32-bit integer" in refused["int32.tif"] and "[0, 1]" in refused["float255.tif"]
     assert "NaN" in refused["floatnan.tif"]
+
+
+def test_a_flat_heldout_folder_beside_class_folders_is_refused_at_plan_time(tmp_path):
+    """It used to give test labels -1 and a classifier test_accuracy of 0.0, with no warning."""
+    for sub in ("train/cats", "train/dogs", "test"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i in range(4):
+        for sub in ("train/cats", "train/dogs", "test"):
+            Image.new("L", (4, 4), 60 * i).save(tmp_path / sub / f"{i}.png")
+    data = {"source": "imagefolder", "path": str(tmp_path), "test_path": None}
+    allowed = r"not in class folders .* allowed: the held-out images in folders named after"
+    with pytest.raises(ConfigError, match=allowed):  # what the Snakefile computes at every plan
+        source_fingerprint(data, "test")
+    with pytest.raises(ConfigError, match=allowed):
+        build.build_store(
+            tmp_path / "store", source="imagefolder", split="test", path=tmp_path, progress=False
+        )
+    assert source_fingerprint(data, "train")["holdout"] is False  # the train split is fine
+    model = train_classifier(
+        np.zeros((4, 4, 4, 1), np.uint8), np.array([0, 1, 0, 1]), num_classes=2,
+        resolution=4, epochs=1, batch_size=4, lr=1e-3, seed=0,
+    )  # fmt: skip
+    with pytest.raises(DataError, match="have no label"):  # and any other way to unknown labels
+        classifier_accuracy(model, np.zeros((2, 4, 4, 1), np.uint8), np.array([-1, 0]))

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from diffprune.data.huggingface import is_hub_id
-from diffprune.data.image_folder import folder_classes, imagefolder_root, list_images
+from diffprune.data.image_folder import (
+    check_heldout_classes,
+    folder_classes,
+    imagefolder_root,
+    list_images,
+)
 from diffprune.errors import ConfigError, DataError
 
 
@@ -56,10 +61,12 @@ def source_fingerprint(data: dict[str, Any], split: str) -> dict[str, Any] | Non
         )
         # which folder a split reads, and whether it is a holdout, depend on the layout too
         layout = {"folder": str(folder), "holdout": holdout}
+        files = list_images(folder)
         if split == "test" and not holdout:  # its labels are the training folder's classes
             train = imagefolder_root(path, "train", None if test_path is None else Path(test_path))
             layout["train_classes"] = folder_classes(list_images(train[0]))
-        return layout | folder_fingerprint(folder, list_images(folder))
+            check_heldout_classes(layout["train_classes"], files, folder)
+        return layout | folder_fingerprint(folder, files)
     if data["source"] == "huggingface" and data.get("hf_name") and not is_hub_id(data["hf_name"]):
         folder = Path(data["hf_name"])
         return {"folder": str(folder)} | folder_fingerprint(folder, _all_files(folder))
