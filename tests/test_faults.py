@@ -17,6 +17,9 @@
 - Changed image folder: added, removed and replaced images rerun the store and what follows
   (tests/test_data_fingerprint.py); DVC hashes the folder as a dep of the store's stages
   (tests/test_dvc_agreement.py::test_an_image_folder_source_is_a_dvc_dep_of_its_store).
+  An image replaced in place by other bytes of the same size with its mtime restored is caught
+  with `data.fingerprint: content` and, as documented, not by the default stat mode
+  (tests/test_data_fingerprint.py::test_content_mode_catches_a_same_size_replacement_*).
 - Pixels of any PIL mode (float, 32-bit integer, 16-bit, 1, P, LA, RGBA, CMYK, YCbCr): scaled to
   8 bits by the rule of diffprune.data.decode.to_8bit, or refused and listed in bad_images with
   the reason, never stored wrong (test_every_pil_mode_*).
