@@ -26,6 +26,10 @@
 - Held-out images outside class folders beside training class folders: refused at plan time
   (the download rule's fingerprint) and by the store; unknown labels refused by the classifier's
   accuracy, never a false 0.0 (test_a_flat_heldout_folder_*).
+- A Hugging Face label column of plain integers: classes "0".."K-1" (K = largest + 1), other
+  values refused; a missing or non-integer column, or a conditional model without labels,
+  refused at plan time from the local copy's dataset_info.json
+  (tests/test_data_huggingface.py::test_an_integer_label_column_*).
 """
 
 from __future__ import annotations
