@@ -30,6 +30,9 @@
   values refused; a missing or non-integer column, or a conditional model without labels,
   refused at plan time from the local copy's dataset_info.json
   (tests/test_data_huggingface.py::test_an_integer_label_column_*).
+- Truncated manifest: moved aside to manifest.parquet.corrupt while Snakemake plans, so its
+  select job reruns before train replaces the model; the train and evaluate jobs refuse a
+  damaged one in one line naming the path (test_a_truncated_manifest_*).
 """
 
 from __future__ import annotations
@@ -50,14 +53,16 @@ import torch
 import yaml
 from PIL import Image
 
-from diffprune import checkpoints, io, logs
+from diffprune import checkpoints, io, logs, paths
 from diffprune.classifier import classifier_accuracy, train_classifier
 from diffprune.config import validate_params
 from diffprune.data import build, load_store
 from diffprune.data.fingerprint import source_fingerprint
 from diffprune.errors import ConfigError, DataError
 from diffprune.evaluate import metrics_record
+from diffprune.manifest import read_manifest
 from diffprune.report import collect, table
+from diffprune.select import full_manifest
 from diffprune.train import load_model, train
 from tests.script_helpers import fake_snakemake, files, run_script
 from tests.test_bad_params import CASES, shown_value, with_changes
@@ -635,3 +640,27 @@ def test_a_flat_heldout_folder_beside_class_folders_is_refused_at_plan_time(tmp_
     )  # fmt: skip
     with pytest.raises(DataError, match="have no label"):  # and any other way to unknown labels
         classifier_accuracy(model, np.zeros((2, 4, 4, 1), np.uint8), np.array([-1, 0]))
+
+
+def _truncated_manifest(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.save_parquet(path, full_manifest(40))
+    path.write_bytes(path.read_bytes()[:-30])  # cut short: the Parquet footer is gone
+
+
+def test_a_truncated_manifest_is_moved_aside_while_planning_and_rebuilt_by_select(tmp_path):
+    """It used to end training in an Arrow traceback after Snakemake had deleted the model, and
+    every rerun did the same (the damaged file stayed newer than the model)."""
+    from tests import workflow_helpers as wf
+
+    root = wf.make_project(tmp_path / "p", wf.tiny_params())
+    manifest = root / paths.manifest("random_r0.5", 0)
+    _truncated_manifest(manifest)
+    planned = wf.snakemake(root, "--dry-run", str(paths.model("random_r0.5", 0)))
+    assert not manifest.exists() and manifest.with_name("manifest.parquet.corrupt").exists()
+    assert "rule select:" in planned.stdout + planned.stderr  # the rule that rebuilds it
+    # the train job checks again before reading: one line naming the path, and moved aside
+    _truncated_manifest(manifest)
+    with pytest.raises(DataError, match=rf"manifest {manifest} is damaged .* rule select rebuilds"):
+        read_manifest(manifest)
+    assert not manifest.exists()
