@@ -26,10 +26,10 @@ REQUIRED = {"sample_id": "int64", "keep": "bool"}
 
 
 def set_aside(path: Path, why: str) -> Path:
-    """Move a damaged manifest to `<path>.corrupt` (replacing an older one); returns the new path."""
+    """Move a damaged manifest to `<path>.corrupt` (replacing an older one); returns that path."""
     aside = path.with_name(path.name + SUFFIX)
     os.replace(path, aside)
-    log.warning("manifest %s is damaged (%s): moved to %s; rule select rebuilds it", path, why, aside)
+    log.warning("manifest %s is damaged (%s): moved to %s; select rebuilds it", path, why, aside)
     return aside
 
 
@@ -50,7 +50,8 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     try:
         manifest = pd.read_parquet(path, columns=list(REQUIRED))
-        wrong = {c: str(manifest[c].dtype) for c in REQUIRED if str(manifest[c].dtype) != REQUIRED[c]}
+        types = {c: str(manifest[c].dtype) for c in REQUIRED}
+        wrong = {c: t for c, t in types.items() if t != REQUIRED[c]}
         if wrong:
             raise ValueError(f"column types {wrong}; expected {REQUIRED}")
     except Exception as e:  # Arrow, pandas and the checks above: all mean a damaged file
