@@ -194,10 +194,19 @@ def classifier_accuracy(
     resolution: int | None = None,
     batch_size: int = 512,
 ) -> float:
-    """Share of images whose predicted label equals `labels`."""
+    """Share of images whose predicted label equals `labels`.
+
+    Unknown labels (-1) are refused: every prediction would count as wrong, a false 0.0.
+    """
     labels = np.asarray(labels)
     if labels.shape != (len(images),):
         raise ValueError(f"labels has shape {labels.shape}; expected ({len(images)},)")
+    if (labels < 0).any():
+        raise DataError(
+            f"{int((labels < 0).sum())} of the {len(labels)} held-out images have no label (-1): "
+            "the classifier's accuracy on them would be a false 0; allowed: held-out images "
+            "labelled with the training classes"
+        )
     predicted = predict(model, images, resolution=resolution, batch_size=batch_size)
     return float((predicted == labels).mean())
 

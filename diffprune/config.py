@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -118,6 +119,12 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 # --------------------------------------------------------------------------- cross-key rules
+# label column types of a local Hugging Face copy that give classes (data/huggingface.py)
+HF_LABEL_DTYPES = (
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string",
+)  # fmt: skip
+
+
 def _semantic_problems(params: dict[str, Any]) -> list[str]:
     """Rules that cross keys, which the schema cannot say (on params with the defaults filled)."""
     params = fill(params)
@@ -179,6 +186,37 @@ def _train_images(data: dict[str, Any]) -> tuple[int, str] | None:
     if data["source"] == "fashion-mnist":
         return FASHION_MNIST["train"], "all of fashion-mnist's train split: data.train_size = null"
     return None
+
+
+def _label_problems(params: dict[str, Any]) -> list[str]:
+    """A Hugging Face label column that cannot give classes, found before any job runs: what a
+    local copy's dataset_info.json says of it, and a conditional model without any labels."""
+    data, problems = params["data"], []
+    if data["source"] != "huggingface":
+        return problems
+    column = data.get("hf_label_column")
+    if column is None and params["train"].get("conditional", False):
+        problems.append(
+            "data.hf_label_column = null: train.conditional = true needs class labels; allowed: "
+            "the dataset's label column, or train.conditional: false"
+        )
+    if column is None or not data.get("hf_name"):
+        return problems
+    local = Path(data["hf_name"])  # a hub id names no folder: nothing to read before the job
+    for info in sorted(local.glob("dataset_info.json")) + sorted(local.glob("*/dataset_info.json")):
+        features = json.loads(info.read_text()).get("features") or {}
+        kind = features.get(column)
+        if kind is None:
+            problems.append(
+                f"data.hf_label_column = {column!r}: no such column in {info.parent} "
+                f"(columns: {', '.join(features)})"
+            )
+        elif kind.get("_type") != "ClassLabel" and kind.get("dtype") not in HF_LABEL_DTYPES:
+            problems.append(
+                f"data.hf_label_column = {column!r} is a {kind.get('dtype', kind.get('_type'))} "
+                f"column in {info.parent}; allowed: a ClassLabel, integer or string column"
+            )
+    return problems
 
 
 def _study_problems(params: dict[str, Any]) -> list[str]:
@@ -490,6 +528,7 @@ def _missing_device(visible: int) -> str:
 CHECKS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
     _source_problems,
     _folder_problems,
+    _label_problems,
     _study_problems,
     _cluster_problems,
     _score_problems,

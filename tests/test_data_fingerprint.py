@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffprune.config import validate_params
 from diffprune.data.build import build_store
 from diffprune.data.fingerprint import source_fingerprint
-from diffprune.errors import DataError
+from diffprune.errors import ConfigError, DataError
+from tests.test_bad_params import with_changes
 from tests.workflow_helpers import make_project, snakemake, tiny_params
 
 CLASSES = ("boots", "coats", "shirts")
@@ -92,6 +94,31 @@ def test_store_records_the_fingerprint_the_plan_saw(tmp_path):
     )  # fmt: skip
     recorded = meta["provenance"]["source_fingerprint"]
     assert recorded == source_fingerprint(_data(root), "test") and recorded["files"] == 24
+
+
+def test_content_mode_catches_a_same_size_replacement_with_its_mtime_restored(tmp_path):
+    """Stat mode (the default, free at every plan) cannot see it, as documented; content can."""
+    root = _folder(tmp_path / "images", per_class=2)
+    target = root / "coats" / "000.png"
+    stat_mode, content_mode = _data(root), _data(root, fingerprint="content")
+    before = {"stat": source_fingerprint(stat_mode, "train")}
+    before["content"] = source_fingerprint(content_mode, "train")
+    old, data = target.stat(), bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # other bytes, the same size (a PNG's readers may refuse it: no matter)
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert target.stat().st_size == old.st_size and target.stat().st_mtime_ns == old.st_mtime_ns
+    assert source_fingerprint(stat_mode, "train") == before["stat"]  # not noticed: stat only
+    assert source_fingerprint(content_mode, "train") != before["content"]
+    assert before["stat"]["mode"] == "stat" and before["content"]["mode"] == "content"
+    meta = build_store(
+        tmp_path / "s", source="imagefolder", split="train", path=root, image_size=8,
+        test_fraction=0.25, progress=False, fingerprint="content",
+    )  # fmt: skip
+    assert meta["provenance"]["params"]["fingerprint"] == "content"  # store.json says which
+    assert meta["provenance"]["source_fingerprint"]["mode"] == "content"
+    with pytest.raises(ConfigError, match=r"data\.fingerprint = 'mtime' is not allowed"):
+        validate_params(with_changes({"data.fingerprint": "mtime"}))
 
 
 def _planned(root: Path, *targets: str) -> set[str]:

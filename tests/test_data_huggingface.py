@@ -6,14 +6,15 @@ import copy
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
 from diffprune.config import validate_params
 from diffprune.data.build import build_store
-from diffprune.data.huggingface import load_huggingface
-from diffprune.errors import ConfigError
+from diffprune.data.huggingface import integer_classes, load_huggingface
+from diffprune.errors import ConfigError, DataError
 from diffprune.io import load_json
 from tests.workflow_helpers import REPO
 
@@ -86,3 +87,47 @@ def test_local_copy_needs_no_revision_and_ignores_one(local_copy, caplog):
     validate_params(_params(hf_name=str(local_copy), hf_revision="main"))  # a profile's
     load_huggingface(str(local_copy), "train", image_size=8, revision="main", progress=False)
     assert "data.hf_revision = 'main' is not used" in caplog.text
+
+
+@pytest.fixture
+def integer_labels(tmp_path):
+    """A local copy whose label column is plain integers (no ClassLabel, no class names)."""
+    pixels = np.random.default_rng(1).integers(0, 256, (6, 10, 10, 3), dtype=np.uint8)
+    split = datasets.Dataset.from_dict(
+        {
+            "image": [Image.fromarray(p) for p in pixels],
+            "label": [0, 2, 1, 2, 0, 1],
+            "weight": [0.5] * 6,
+        }
+    )
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(tmp_path / "ints")
+    return tmp_path / "ints"
+
+
+def test_an_integer_label_column_gives_num_classes_and_is_checked_at_plan_time(integer_labels):
+    """It used to give class_names None: the conditional DiT then failed after the autoencoder
+    with `labels must be in [0, num_classes=0)`."""
+    name = str(integer_labels)
+    meta = build_store(
+        integer_labels.parent / "store", source="huggingface", split="train", hf_name=name,
+        label_column="label", image_size=8, progress=False,
+    )  # fmt: skip
+    assert meta["class_names"] == ["0", "1", "2"]  # num_classes = max + 1 = 3, the train rule's
+    labels = pd.read_parquet(integer_labels.parent / "store" / "index.parquet")["label"]
+    assert labels.tolist() == [0, 2, 1, 2, 0, 1]
+    conditional = _params(hf_name=name, hf_label_column="label")
+    conditional["train"] |= {"model": "dit", "conditional": True}
+    validate_params(conditional)
+    for column, expected in [
+        ("weight", r"hf_label_column = 'weight' is a float64 column .* allowed: a ClassLabel"),
+        ("lable", r"data\.hf_label_column = 'lable': no such column .*columns: image, label, w"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            validate_params(_params(hf_name=name, hf_label_column=column))
+    with pytest.raises(ConfigError, match=r"hf_label_column = null: train\.conditional = true"):
+        conditional["data"]["hf_label_column"] = None
+        validate_params(conditional)
+    with pytest.raises(DataError, match=r"holds the label -1; allowed: 0\.\.K-1"):
+        integer_classes([0, -1], "x")
+    with pytest.raises(DataError, match=r"holds float values \(0\.5\)"):
+        integer_classes([0, 0.5], "x")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -199,6 +200,9 @@ def fill_with_placeholders(root: Path) -> None:
                 path.mkdir(parents=True, exist_ok=True)
                 (path / "placeholder").write_text(out)
                 (path / ".snakemake_timestamp").touch()  # as Snakemake leaves a folder output
+            elif path.suffix == ".parquet":  # read while planning (diffprune.manifest)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame({"sample_id": [0], "keep": [True]}).to_parquet(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(out)

@@ -35,6 +35,22 @@
 - Changed image folder: added, removed and replaced images rerun the store and what follows
   (tests/test_data_fingerprint.py); DVC hashes the folder as a dep of the store's stages
   (tests/test_dvc_agreement.py::test_an_image_folder_source_is_a_dvc_dep_of_its_store).
+  An image replaced in place by other bytes of the same size with its mtime restored is caught
+  with `data.fingerprint: content` and, as documented, not by the default stat mode
+  (tests/test_data_fingerprint.py::test_content_mode_catches_a_same_size_replacement_*).
+- Pixels of any PIL mode (float, 32-bit integer, 16-bit, 1, P, LA, RGBA, CMYK, YCbCr): scaled to
+  8 bits by the rule of diffprune.data.decode.to_8bit, or refused and listed in bad_images with
+  the reason, never stored wrong (test_every_pil_mode_*).
+- Held-out images outside class folders beside training class folders: refused at plan time
+  (the download rule's fingerprint) and by the store; unknown labels refused by the classifier's
+  accuracy, never a false 0.0 (test_a_flat_heldout_folder_*).
+- A Hugging Face label column of plain integers: classes "0".."K-1" (K = largest + 1), other
+  values refused; a missing or non-integer column, or a conditional model without labels,
+  refused at plan time from the local copy's dataset_info.json
+  (tests/test_data_huggingface.py::test_an_integer_label_column_*).
+- Truncated manifest: moved aside to manifest.parquet.corrupt while Snakemake plans, so its
+  select job reruns before train replaces the model; the train and evaluate jobs refuse a
+  damaged one in one line naming the path (test_a_truncated_manifest_*).
 """
 
 from __future__ import annotations
@@ -59,17 +75,22 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 
-from diffprune import checkpoints, io, logs
+from diffprune import checkpoints, io, logs, paths
 from diffprune.autoencoder_train import train_autoencoder
+from diffprune.classifier import classifier_accuracy, train_classifier
 from diffprune.config import validate_params
-from diffprune.data import load_store
+from diffprune.data import build, load_store
+from diffprune.data.fingerprint import source_fingerprint
 from diffprune.data.store import write_store as write_image_store
 from diffprune.embed import embed_to_file
-from diffprune.errors import ConfigError, DiskFull
+from diffprune.errors import ConfigError, DataError, DiskFull
 from diffprune.evaluate import metrics_record
+from diffprune.manifest import read_manifest
 from diffprune.model_folder import load_model
 from diffprune.report import collect, table
+from diffprune.select import full_manifest
 from diffprune.surrogate import train_moso_surrogates, train_surrogate
 from diffprune.train import train
 from tests.script_helpers import fake_snakemake, files, run_script
@@ -1064,3 +1085,99 @@ def test_temporaries_of_a_killed_writer_are_removed_when_the_output_is_written_a
     io.save_npy(out, np.zeros(3))
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["embeddings.npy", live.name, other.name])
+
+
+# --- data correctness (issue 16) ---
+
+
+def _mode_images(folder: Path) -> dict[str, int | None]:
+    """One 4x4 image per PIL mode, and the 8-bit gray each must give (None: refused)."""
+    folder.mkdir()
+    flat = np.full((4, 4), 0.9, np.float32)
+    cases = {
+        "float01.tif": (Image.fromarray(flat), 230),  # 0.9 * 255 = 229.5 -> 230 (round half even)
+        "float255.tif": (Image.fromarray(flat * 255), None),  # floats outside [0, 1]
+        "floatnan.tif": (Image.fromarray(np.full((4, 4), np.nan, np.float32)), None),
+        "int32.tif": (Image.fromarray(np.full((4, 4), 230, np.int32)), None),
+        "u16.tif": (Image.fromarray(np.full((4, 4), 0x8080, np.uint16)), 128),
+        "u16.png": (Image.fromarray(np.full((4, 4), 0xE6E6, np.uint16)), 230),
+        "u16b.tif": (Image.fromarray(np.full((4, 4), 0x8080, ">u2")), 128),  # mode I;16B
+        "bilevel.png": (Image.new("1", (4, 4), 1), 255),
+        "palette.png": (Image.new("P", (4, 4), 0), 0),
+        "la.png": (Image.new("LA", (4, 4), (200, 10)), 200),
+        "rgba.png": (Image.new("RGBA", (4, 4), (200, 200, 200, 10)), 200),
+        "cmyk.tif": (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 255),
+        "ycbcr.tif": (Image.new("YCbCr", (4, 4), (200, 128, 128)), 200),
+    }
+    for name, (image, _) in cases.items():
+        image.save(folder / name)
+    return {name: gray for name, (_, gray) in cases.items()}
+
+
+def test_every_pil_mode_is_scaled_to_8_bits_or_refused_and_listed(tmp_path):
+    """A float32 TIFF of 0.9 used to be stored as 0 and an int32 TIFF of 230 as 1, unlisted."""
+    expected = _mode_images(tmp_path / "modes")
+    (tmp_path / "held").mkdir()  # held-out images of their own: no holdout takes from "modes"
+    meta = build.build_store(
+        tmp_path / "store", source="imagefolder", split="train", path=tmp_path / "modes",
+        test_path=tmp_path / "held", image_size=4, channels=1, progress=False,
+    )  # fmt: skip
+    store = load_store(tmp_path / "store")
+    pixels = store.images[..., 0].reshape(len(store), -1)
+    got = dict(zip(store.index["source"], pixels, strict=True))
+    refused = {b["path"]: b["reason"] for b in meta["bad_images"]}
+    for name, gray in expected.items():
+        if gray is None:
+            assert name not in got and name in refused, name
+        else:  # each image is one flat colour, so any resampling keeps it (within rounding)
+            assert name not in refused and np.abs(got[name].astype(int) - gray).max() <= 1, name
+    assert "32-bit integer" in refused["int32.tif"] and "[0, 1]" in refused["float255.tif"]
+    assert "NaN" in refused["floatnan.tif"]
+
+
+def test_a_flat_heldout_folder_beside_class_folders_is_refused_at_plan_time(tmp_path):
+    """It used to give test labels -1 and a classifier test_accuracy of 0.0, with no warning."""
+    for sub in ("train/cats", "train/dogs", "test"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i in range(4):
+        for sub in ("train/cats", "train/dogs", "test"):
+            Image.new("L", (4, 4), 60 * i).save(tmp_path / sub / f"{i}.png")
+    data = {"source": "imagefolder", "path": str(tmp_path), "test_path": None}
+    allowed = r"not in class folders .* allowed: the held-out images in folders named after"
+    with pytest.raises(ConfigError, match=allowed):  # what the Snakefile computes at every plan
+        source_fingerprint(data, "test")
+    with pytest.raises(ConfigError, match=allowed):
+        build.build_store(
+            tmp_path / "store", source="imagefolder", split="test", path=tmp_path, progress=False
+        )
+    assert source_fingerprint(data, "train")["holdout"] is False  # the train split is fine
+    model = train_classifier(
+        np.zeros((4, 4, 4, 1), np.uint8), np.array([0, 1, 0, 1]), num_classes=2,
+        resolution=4, epochs=1, batch_size=4, lr=1e-3, seed=0,
+    )  # fmt: skip
+    with pytest.raises(DataError, match="have no label"):  # and any other way to unknown labels
+        classifier_accuracy(model, np.zeros((2, 4, 4, 1), np.uint8), np.array([-1, 0]))
+
+
+def _truncated_manifest(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.save_parquet(path, full_manifest(40))
+    path.write_bytes(path.read_bytes()[:-30])  # cut short: the Parquet footer is gone
+
+
+def test_a_truncated_manifest_is_moved_aside_while_planning_and_rebuilt_by_select(tmp_path):
+    """It used to end training in an Arrow traceback after Snakemake had deleted the model, and
+    every rerun did the same (the damaged file stayed newer than the model)."""
+    from tests import workflow_helpers as wf
+
+    root = wf.make_project(tmp_path / "p", wf.tiny_params())
+    manifest = root / paths.manifest("random_r0.5", 0)
+    _truncated_manifest(manifest)
+    planned = wf.snakemake(root, "--dry-run", str(paths.model("random_r0.5", 0)))
+    assert not manifest.exists() and manifest.with_name("manifest.parquet.corrupt").exists()
+    assert "rule select:" in planned.stdout + planned.stderr  # the rule that rebuilds it
+    # the train job checks again before reading: one line naming the path, and moved aside
+    _truncated_manifest(manifest)
+    with pytest.raises(DataError, match=rf"manifest {manifest} is damaged .* rule select rebuilds"):
+        read_manifest(manifest)
+    assert not manifest.exists()

@@ -23,7 +23,7 @@ from diffprune.data.fashion_mnist import (
     fashion_mnist_files,
     read_fashion_mnist,
 )
-from diffprune.data.fingerprint import source_fingerprint
+from diffprune.data.fingerprint import DEFAULT_FINGERPRINT, source_fingerprint
 from diffprune.data.huggingface import load_huggingface, resolve_revision
 from diffprune.data.image_folder import (
     align_classes,
@@ -120,6 +120,7 @@ def build_store(
     progress: bool = True,
     batch_size: int = 1024,
     min_images: int = 1,
+    fingerprint: str = DEFAULT_FINGERPRINT,
 ) -> dict:
     """Write out_dir/{images.npy,index.parquet,store.json} for one split; returns the metadata.
 
@@ -133,6 +134,7 @@ def build_store(
     scratch file in out_dir (resumed after a crash, removed at the end), and the store's
     images.npy is written from it `batch_size` images at a time. Fewer than `min_images` images
     in the split is a ConfigError (the workflow's references need MIN_SPLIT_IMAGES).
+    `fingerprint` (stat | content) is how a local folder is identified (`data.fingerprint`).
     """
     if source not in SOURCES:
         raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
@@ -143,13 +145,17 @@ def build_store(
     if not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     # stat the files before reading them: the plan saw this state (data.smk's fingerprint)
-    fingerprint = source_fingerprint(
-        {"source": source, "path": path, "test_path": test_path, "hf_name": hf_name}, split
-    )
+    seen = source_fingerprint(
+        {
+            "source": source, "path": path, "test_path": test_path, "hf_name": hf_name,
+            "fingerprint": fingerprint,
+        },
+        split,
+    )  # fmt: skip
     recipe = {
         "source": source, "split": split, "path": path, "test_path": test_path,
         "image_size": image_size, "channels": channels, "hf_name": hf_name, "hf_split": hf_split,
-        "label_column": label_column, "fingerprint": fingerprint,
+        "label_column": label_column, "fingerprint": seen,
     }  # fmt: skip
     read = READERS[source](
         SourceRequest(
@@ -215,10 +221,11 @@ def build_store(
                 "hf_revision": hf_revision,
                 "label_column": label_column,
                 "test_fraction": test_fraction if holdout else None,
+                "fingerprint": fingerprint,
             },
             inputs=read.inputs,
         )
-        | {"source_fingerprint": fingerprint, "hf_commit": read.hf_commit},
+        | {"source_fingerprint": seen, "hf_commit": read.hf_commit},
     }
     write_store(out_dir, batches, shape, index, meta)
     for scratch in Path(out_dir).glob(".decoding-*"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 from tqdm.auto import tqdm
 
 from diffprune.errors import ConfigError
@@ -32,26 +32,62 @@ def check_channels(channels: int) -> None:
         raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
 
 
-# integer gray modes of more than 8 bits (16-bit PNG and TIFF): PIL's convert clips them at 255
-WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+# 16-bit gray modes: PIL's own convert("L") or ("RGB") clips every value above 255 (a 16-bit
+# photo would turn almost white), so they are scaled here instead
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+TIFF_BITS_PER_SAMPLE = 258
 
 
-def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit gray scaled to 8 bits (0..65535 -> 0..255); other modes as they are.
+def declared_bits(image: Image.Image) -> int | None:
+    """The bits per sample the file itself declares (TIFF's BitsPerSample); None when unknown."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(TIFF_BITS_PER_SAMPLE) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if len(set(bits)) == 1 else None
+    return bits if isinstance(bits, int) else None
 
-    PIL's own convert("L") or ("RGB") of a 16-bit image saturates every value above 255, so a
-    16-bit photo would turn almost white. Mode "I" (32-bit) is how PIL may open 16-bit PNGs too;
-    its values are read on the same 0..65535 scale, anything outside it clipped.
+
+def to_8bit(image: Image.Image, bits: int | None = None) -> Image.Image:
+    """An image whose pixels are 8 bits per band; a ValueError when no scale is certain.
+
+    The rule, one per kind of mode, so that no pixel is silently wrong:
+    - 8 bits per band (1, L, P, LA, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV, ...): as they are; PIL's
+      convert to L or RGB then maps them (alpha is dropped, as torchvision's loaders do).
+    - 16-bit gray (I;16*): 0..65535 -> 0..255 (divided by 257).
+    - 32-bit integer (I): the range is the file's declared bits per sample. A TIFF that declares
+      16 bits is scaled as above; any other (32 bits, or no declaration: an array) is refused,
+      since 230 could be 8-bit white-ish or 16-bit black and no choice is right for both.
+    - 32-bit float (F): values in [0, 1] -> x255; anything else (NaN, negative, above 1) is
+      refused, since floats carry no declared range.
+    `bits` is what the original file declared (`declared_bits`), read before any transpose.
     """
-    if image.mode not in WIDE_GRAY_MODES:
+    mode, kind = image.mode, ImageMode.getmode(image.mode).typestr[1:]
+    if kind in ("u1", "b1"):
         return image
-    wide = np.asarray(image).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    if mode in WIDE_GRAY_MODES or (mode == "I" and bits == 16):
+        wide = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    if mode == "I":
+        raise ValueError(
+            f"32-bit integer pixels (mode I, {bits or 'no'} declared bits per sample) have no "
+            "certain range; allowed: 8- or 16-bit integers, or floats in [0, 1]"
+        )
+    if mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all():
+            raise ValueError("float pixels (mode F) include NaN or infinity; allowed: [0, 1]")
+        if pixels.min() < 0.0 or pixels.max() > 1.0:
+            raise ValueError(
+                f"float pixels (mode F) span [{pixels.min():g}, {pixels.max():g}]; "
+                "allowed: floats in [0, 1] (scaled by 255), or 8- or 16-bit integers"
+            )
+        return Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8))
+    raise ValueError(f"pixel mode {mode!r} has no known 8-bit scale")
 
 
 def fit_image(image: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
     """Resize the shorter side to image_size and centre-crop (one antialiased bicubic resample)."""
-    image = to_8bit(ImageOps.exif_transpose(image))
+    image = to_8bit(ImageOps.exif_transpose(image), declared_bits(image))
     image = image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     side = min(w, h)
@@ -75,7 +111,10 @@ def open_image(source: Any) -> Image.Image:
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     if isinstance(source, np.ndarray):
-        return Image.fromarray(source)
+        try:
+            return Image.fromarray(source)
+        except TypeError as e:  # a dtype PIL has no mode for (int64, bool planes, ...)
+            raise ValueError(f"an array of {source.dtype} {source.shape} is no image: {e}") from e
     image = Image.open(source)
     image.load()  # decode now, so a truncated file fails here and not later
     return image

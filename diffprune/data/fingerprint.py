@@ -2,9 +2,12 @@
 
 Fashion-MNIST is pinned by checksums and a hub dataset by its revision; a local folder (an image
 folder, or a local Hugging Face copy) can change under the same params. Its fingerprint hashes
-the relative path, size and modification time of every file the split reads, from `stat` alone,
-so the Snakefile can compute it at every plan: adding, removing, replacing or touching a file
-changes it, and the `download` rule's params with it, which reruns the store and all downstream.
+the relative path and size of every file the split reads, and, by `data.fingerprint`:
+- `stat` (the default): its modification time, from `stat` alone, so the Snakefile can compute it
+  at every plan for free. Adding, removing, replacing or touching a file changes it, but bytes
+  replaced in place by others of the same size with the old mtime restored are not noticed.
+- `content`: the SHA-256 of its bytes, for folders edited in place; every plan reads every byte.
+Either way a change alters the `download` rule's params, which reruns the store and downstream.
 """
 
 from __future__ import annotations
@@ -14,21 +17,41 @@ from pathlib import Path
 from typing import Any
 
 from diffprune.data.huggingface import is_hub_id
-from diffprune.data.image_folder import folder_classes, imagefolder_root, list_images
+from diffprune.data.image_folder import (
+    check_heldout_classes,
+    folder_classes,
+    imagefolder_root,
+    list_images,
+)
 from diffprune.errors import ConfigError, DataError
 
+FINGERPRINT_MODES = ("stat", "content")
+DEFAULT_FINGERPRINT = "stat"
+CHUNK = 1 << 20
 
-def folder_fingerprint(root: Path, files: list[str]) -> dict[str, Any]:
-    """Count, total size and SHA-256 of `relative path, size, mtime (ns)` of the files."""
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_fingerprint(
+    root: Path, files: list[str], mode: str = DEFAULT_FINGERPRINT
+) -> dict[str, Any]:
+    """Count, total size and SHA-256 of `relative path, size, mtime (ns) or content SHA-256`."""
+    if mode not in FINGERPRINT_MODES:
+        raise ConfigError(f"data.fingerprint = {mode!r}; allowed: {', '.join(FINGERPRINT_MODES)}")
     digest, total = hashlib.sha256(), 0
     for name in files:
         stat = (root / name).stat()
         total += stat.st_size
+        what = stat.st_mtime_ns if mode == "stat" else _file_sha256(root / name)
         # surrogateescape: a name that is not UTF-8 keeps its own bytes
-        digest.update(
-            f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
-        )
-    return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
+        digest.update(f"{name}\0{stat.st_size}\0{what}\n".encode("utf-8", "surrogateescape"))
+    return {"files": len(files), "bytes": total, "sha256": digest.hexdigest(), "mode": mode}
 
 
 def _all_files(root: Path) -> list[str]:
@@ -42,6 +65,7 @@ def _all_files(root: Path) -> list[str]:
 
 def source_fingerprint(data: dict[str, Any], split: str) -> dict[str, Any] | None:
     """The fingerprint of what `split` reads under the `data` params; None for pinned sources."""
+    mode = data.get("fingerprint", DEFAULT_FINGERPRINT)
     if data["source"] == "imagefolder":
         if data["path"] is None:
             raise ConfigError("data.path = null: the imagefolder source needs the folder of images")
@@ -56,11 +80,13 @@ def source_fingerprint(data: dict[str, Any], split: str) -> dict[str, Any] | Non
         )
         # which folder a split reads, and whether it is a holdout, depend on the layout too
         layout = {"folder": str(folder), "holdout": holdout}
+        files = list_images(folder)
         if split == "test" and not holdout:  # its labels are the training folder's classes
             train = imagefolder_root(path, "train", None if test_path is None else Path(test_path))
             layout["train_classes"] = folder_classes(list_images(train[0]))
-        return layout | folder_fingerprint(folder, list_images(folder))
+            check_heldout_classes(layout["train_classes"], files, folder)
+        return layout | folder_fingerprint(folder, files, mode)
     if data["source"] == "huggingface" and data.get("hf_name") and not is_hub_id(data["hf_name"]):
         folder = Path(data["hf_name"])
-        return {"folder": str(folder)} | folder_fingerprint(folder, _all_files(folder))
+        return {"folder": str(folder)} | folder_fingerprint(folder, _all_files(folder), mode)
     return None

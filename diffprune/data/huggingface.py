@@ -125,6 +125,31 @@ def _open_huggingface(datasets: Any, name: str, split: str, *, revision: str | N
     return datasets.load_dataset(name, split=split, revision=revision)
 
 
+def integer_classes(values: list[Any], where: str) -> list[str]:
+    """Class names "0".."K-1" of a plain integer label column, K = its largest label + 1.
+
+    The integers are the classes themselves, so label i is the same class in every split (a
+    held-out split may lack some); numbering the distinct values instead would not keep that.
+    Anything but integers >= 0 is refused: no label may turn into a wrong class.
+    """
+    wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int | np.integer)]
+    if wrong:
+        raise DataError(
+            f"{where} holds {type(wrong[0]).__name__} values ({wrong[0]!r}); allowed: integer "
+            "class labels 0..K-1, strings (class names) or a ClassLabel feature"
+        )
+    if min(values) < 0:
+        raise DataError(f"{where} holds the label {min(values)}; allowed: 0..K-1")
+    k = int(max(values)) + 1
+    missing = sorted(set(range(k)) - {int(v) for v in values})
+    if missing:
+        log.warning(
+            "%s: labels span 0..%d but %d of them never occur (%s): they stay classes",
+            where, k - 1, len(missing), ", ".join(map(str, missing[:5])),
+        )  # fmt: skip
+    return [str(i) for i in range(k)]
+
+
 def images_from_rows(
     dataset: Any,
     *,
@@ -178,4 +203,6 @@ def images_from_rows(
             lookup = {c: i for i, c in enumerate(class_names)}
             values = [lookup[v] for v in values]
         labels = np.asarray(values, dtype=np.int64)
+        if class_names is None:
+            class_names = integer_classes(values, f"{prefix} column {label_column!r}")
     return images, labels, [f"{prefix}:{i}" for i in kept], class_names, bad

@@ -93,6 +93,24 @@ def folder_classes(files: list[str]) -> list[str] | None:
     return sorted({f.split("/", 1)[0] for f in files})
 
 
+def check_heldout_classes(train_classes: list[str] | None, files: list[str], root: Path) -> None:
+    """Refuse held-out images outside class folders when the training images have classes.
+
+    Their labels would be unknown (-1) while the training labels are known, and every
+    prediction of the evaluation classifier would count as wrong: a test accuracy of 0.0.
+    """
+    if train_classes is None or not files or folder_classes(files) is not None:
+        return
+    loose = [printable(f) for f in files if "/" not in f]
+    raise ConfigError(
+        f"the held-out images under {root} are not in class folders ({len(loose)} lie directly "
+        f"there, e.g. {', '.join(loose[:3])}) while the training images are (classes "
+        f"{', '.join(train_classes[:10])}{', ...' if len(train_classes) > 10 else ''}): their "
+        "labels would be unknown and the classifier's test accuracy a false 0; allowed: the "
+        "held-out images in folders named after the training classes"
+    )
+
+
 def align_classes(
     labels: np.ndarray, classes: list[str], train_classes: list[str] | None, root: Path
 ) -> tuple[np.ndarray, list[str] | None]:

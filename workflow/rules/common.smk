@@ -1,5 +1,6 @@
 # Shared by all rules: config validation, the study grid and input functions.
 from diffprune import names, paths
+from diffprune.manifest import check_footer
 from diffprune.config import grid, validate_params
 from diffprune.names import FULL, SKEW, Run, needs
 from snakemake_interface_executor_plugins.settings import ExecMode
@@ -48,7 +49,12 @@ LATENT = config["train"].get("space", "pixel") == "latent"
 
 
 def train_inputs(wildcards):
-    """The train store and the run's manifest; in latent space also the cached latents."""
+    """The train store and the run's manifest; in latent space also the cached latents.
+
+    A damaged manifest is moved aside here, while planning, so that its select job runs before
+    this train job deletes the model (diffprune.manifest).
+    """
+    check_footer(paths.manifest(wildcards.run, wildcards.seed))
     inputs = {
         "store": store_files("train"),
         "manifest": paths.manifest(wildcards.run, wildcards.seed),

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from diffprune.data import build_store
 from diffprune.data.build import MIN_SPLIT_IMAGES
+from diffprune.data.fingerprint import DEFAULT_FINGERPRINT
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
@@ -25,4 +26,5 @@ build_store(
     label_column=data.get("hf_label_column"),
     test_fraction=data.get("test_fraction", 0.1),
     min_images=MIN_SPLIT_IMAGES,
+    fingerprint=data.get("fingerprint", DEFAULT_FINGERPRINT),
 )

@@ -12,12 +12,13 @@ from diffprune import io
 from diffprune.evaluate import class_balance, evaluate_samples, metrics_record
 from diffprune.features import load_feature_extractor
 from diffprune.logs import setup
+from diffprune.manifest import read_manifest
 
 setup(snakemake.log[0], threads=snakemake.threads)
 cfg = snakemake.params.evaluate
 inputs = snakemake.input
 features = cfg["features"]
-manifest = pd.read_parquet(inputs.manifest, columns=["sample_id", "keep"])
+manifest = read_manifest(inputs.manifest)
 samples = np.load(inputs.samples)
 
 

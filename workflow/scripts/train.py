@@ -19,13 +19,12 @@ import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from diffprune.autoencoder import autoencoder_info, load_latents
 from diffprune.data import load_store
 from diffprune.errors import TrainingDiverged
 from diffprune.launch import is_main, launched, relaunch
 from diffprune.logs import setup
+from diffprune.manifest import read_manifest
 from diffprune.status import write_failed_model
 from diffprune.train import train
 
@@ -37,7 +36,7 @@ if processes > 1 and not launched():
     relaunch(sys.argv[0], num_processes=processes, threads=snakemake.threads)
     sys.exit(0)
 store = load_store(snakemake.input.store[0].rsplit("/", 1)[0])
-manifest = pd.read_parquet(snakemake.input.manifest, columns=["sample_id", "keep"])
+manifest = read_manifest(snakemake.input.manifest)
 kept = manifest.loc[manifest["keep"], "sample_id"].to_numpy()
 conditional = cfg.get("conditional", False)
 if cfg.get("space", "pixel") == "pixel":
