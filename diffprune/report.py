@@ -246,6 +246,7 @@ def write_report(
     floor: dict,
     claims: dict,
     skew_csv: str | os.PathLike | None,
+    clusters_meta: str | os.PathLike | None = None,
     sample_grids: Sequence[tuple[str, str | os.PathLike]],
     tables_dir: str | os.PathLike,
     plots_dir: str | os.PathLike,
@@ -255,7 +256,8 @@ def write_report(
     summary_csv: str | os.PathLike,
     mosaic_png: str | os.PathLike,
 ) -> pd.DataFrame:
-    """Every table, plot and the claims; `floor` and `claims` are params report.floor/.claims."""
+    """Every table, plot and the claims; `floor` and `claims` are params report.floor/.claims.
+    `clusters_meta` (clusters.json): its degenerate-cluster warning goes at the top."""
     frame = collect(metric_files)
     failures = frame[frame["status"] != "ok"]
     metrics = [m for m in dict.fromkeys([headline, *metrics]) if m in frame]
@@ -282,6 +284,9 @@ def write_report(
         )
     )
     sections = [quality.text + "\n", claims_text]
+    degenerate = io.load_json(clusters_meta).get("degenerate") if clusters_meta else None
+    if degenerate and degenerate["warning"]:
+        sections.insert(0, f"> **Warning:** {degenerate['warning']}\n")
     if len(failures):
         listed = "; ".join(f"{r.run} seed {r.seed}: {r.failure}" for r in failures.itertuples())
         sections.append(f"Failed runs (shown as failed, never as numbers): {listed}\n")

@@ -15,6 +15,7 @@ from diffprune.claims import (
     judge_claims,
 )
 from diffprune.classifier import save_classifier, train_classifier
+from diffprune.degenerate import degeneracy
 from diffprune.evaluate import class_balance
 from diffprune.report import collect, machines_text, table, write_report
 from tests.test_classifier import bars
@@ -166,6 +167,24 @@ def test_report_shows_failed_runs_and_kept_fractions(tmp_path):
     assert cells.loc["random", "0.5"].endswith("(n=2), 1 failed")
     assert ", kept 0.31" in cells.loc["cluster-balanced", "0.5"]
     assert "kept" not in cells.loc["full-data", "full"]
+    report = demo_report(tmp_path, files, grid)
+    assert report.startswith("Baseline quality floor")
+    assert "random_r0.5 seed 2: training diverged at step 3" in report
+    assert "paired against random" in report
+    claims = pd.read_csv(tmp_path / "out" / "claims.csv")
+    assert set(claims["claim"]) == {"C1", "C2", "C3", "C4"}
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary.loc[summary["status"] == "failed", "fd_x"].isna().all()
+    # degenerate clusters (clusters.json of identical images) are warned at the report's top
+    flat = pd.DataFrame({"cluster": [0, 0, 1, 1], "distance": np.zeros(4, np.float32)})
+    io.save_json(tmp_path / "clusters.json", {"degenerate": degeneracy(flat, k=2)})
+    warned = demo_report(tmp_path, files, grid, clusters_meta=tmp_path / "clusters.json")
+    assert warned.startswith("> **Warning:** degenerate k-means clusters: clusters [0, 1]")
+    assert warned.endswith(report)
+
+
+def demo_report(tmp_path, files, grid, **extra) -> str:
+    """write_report over `files` into tmp_path/out; returns report.md's text."""
     out = {name: tmp_path / "out" / name for name in ("report.md", "claims.md", "claims.csv")}
     write_report(
         files,
@@ -182,15 +201,9 @@ def test_report_shows_failed_runs_and_kept_fractions(tmp_path):
         claims_csv=out["claims.csv"],
         summary_csv=tmp_path / "out" / "summary.csv",
         mosaic_png=tmp_path / "out" / "samples.png",
+        **extra,
     )
-    report = out["report.md"].read_text()
-    assert report.startswith("Baseline quality floor")
-    assert "random_r0.5 seed 2: training diverged at step 3" in report
-    assert "paired against random" in report
-    claims = pd.read_csv(out["claims.csv"])
-    assert set(claims["claim"]) == {"C1", "C2", "C3", "C4"}
-    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
-    assert summary.loc[summary["status"] == "failed", "fd_x"].isna().all()
+    return out["report.md"].read_text()
 
 
 def test_report_names_the_training_machines():

@@ -32,6 +32,9 @@
   check (cluster nodes) names the key too (test_cuda_without_cuda_*).
 - Params edited while a DVC stage runs: the stage fails, so dvc.lock never records values its
   outputs were not made with (test_params_edited_while_a_dvc_stage_runs_*, test_changed_params_*).
+- Degenerate clusters (identical images): clusters.json records clusters without distance spread
+  and the share of tied distances, the log warns, and the report puts the warning at its top
+  (test_identical_images_give_degenerate_clusters_*).
 - Changed image folder: added, removed and replaced images rerun the store and what follows
   (tests/test_data_fingerprint.py); DVC hashes the folder as a dep of the store's stages
   (tests/test_dvc_agreement.py::test_an_image_folder_source_is_a_dvc_dep_of_its_store).
@@ -1181,3 +1184,40 @@ def test_a_truncated_manifest_is_moved_aside_while_planning_and_rebuilt_by_selec
     with pytest.raises(DataError, match=rf"manifest {manifest} is damaged .* rule select rebuilds"):
         read_manifest(manifest)
     assert not manifest.exists()
+
+
+def _cluster_meta(tmp_path: Path, embeddings: np.ndarray) -> dict:
+    """clusters.json of the cluster script on `embeddings` (k = 3)."""
+    path = tmp_path / "embeddings.npy"
+    io.save_npy(path, embeddings)
+    io.save_json(tmp_path / "embeddings.json", {"model": "test", "seconds": 0.0})
+    smk = fake_snakemake(
+        input=files(embeddings=path, embeddings_meta=tmp_path / "embeddings.json"),
+        output=files(
+            clusters=tmp_path / "clusters.parquet",
+            centroids=tmp_path / "centroids.npy",
+            meta=tmp_path / "clusters.json",
+        ),
+        params={"cluster": {"k": 3, "iterations": 10, "seed": 0, "device": "cpu"}},
+        log=tmp_path / "cluster.log",
+    )
+    run_script("cluster", smk)
+    return io.load_json(tmp_path / "clusters.json")
+
+
+def test_identical_images_give_degenerate_clusters_warned_in_clusters_json(tmp_path):
+    """Identical embeddings: every distance 0, "furthest" would keep sample-id order silently.
+    clusters.json says so and the log warns; the report puts the warning at its top
+    (tests/test_claims.py::test_report_shows_failed_runs_and_kept_fractions)."""
+    rng = np.random.default_rng(0)
+    normal = _cluster_meta(tmp_path / "normal", rng.normal(size=(60, 8)).astype(np.float32))
+    assert normal["degenerate"]["warning"] is None
+    same = _cluster_meta(tmp_path / "same", np.ones((60, 8), np.float32))
+    record = same["degenerate"]
+    assert record["clusters_without_spread"] and record["tied_distance_share"] > 0.9
+    assert record["warning"].startswith("degenerate k-means clusters: ")
+    assert "sample-id order" in record["warning"]
+    assert (
+        f"WARNING diffprune.degenerate: {record['warning']}"
+        in (tmp_path / "same" / "cluster.log").read_text()
+    )

@@ -19,6 +19,12 @@ GRID = grid(config)
 REPORT = config["report"]["dir"]
 SKEW_RUNS = [(Run.skew(arm).name, seed) for arm in config["skew"]["arms"] for seed in config["study"]["seeds"]]
 SPLITS = names.SPLITS
+# clusters.json when a run of the grid selects by clusters: the report warns of degenerate ones
+CLUSTERS_META = [
+    paths.clusters_meta()
+    for run, _ in GRID
+    if Run.parse(run).method != FULL and "clusters" in needs(Run.parse(run).method)
+][:1]
 
 
 wildcard_constraints:

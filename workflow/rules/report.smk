@@ -4,6 +4,7 @@ rule report:
         metrics=[paths.metrics(run, seed) for run, seed in GRID],
         grids=[paths.sample_grid(run, seed) for run, seed in GRID],
         skew=paths.skew_table("csv"),
+        clusters_meta=CLUSTERS_META,
         code=library_code("report"),
     output:
         tables=[paths.report_table(m, "csv", REPORT) for m in report_metrics()]

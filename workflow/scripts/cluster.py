@@ -5,6 +5,7 @@ import numpy as np
 
 from diffprune import io
 from diffprune.cluster import clusters_frame, kmeans, machine
+from diffprune.degenerate import degeneracy
 from diffprune.logs import setup
 
 setup(snakemake.log[0], threads=snakemake.threads)
@@ -23,7 +24,8 @@ clustering = kmeans(
     fit_size=cfg.get("fit_size"),
     fit_key="cluster.fit_size",
 )
-io.save_parquet(snakemake.output.clusters, clusters_frame(clustering))
+clusters = clusters_frame(clustering)
+io.save_parquet(snakemake.output.clusters, clusters)
 io.save_npy(snakemake.output.centroids, clustering.centroids)
 sizes = np.bincount(clustering.assignments, minlength=cfg["k"])
 io.save_json(
@@ -39,6 +41,8 @@ io.save_json(
         "fit_on_all_points": clustering.fit_points == len(clustering.assignments),
         "machine": machine(),
         "cluster_sizes": sizes.tolist(),
+        # clusters whose ranking by distance decides nothing (ties go by sample id)
+        "degenerate": degeneracy(clusters, cfg["k"]),
         "seconds": clustering.seconds,
         "fit_seconds": clustering.fit_seconds,  # the rest of `seconds` assigned every point
         "embedder": io.load_json(snakemake.input.embeddings_meta)["model"],

@@ -15,6 +15,7 @@ write_report(
     floor=cfg["floor"],
     claims=cfg["claims"],
     skew_csv=snakemake.input.skew,
+    clusters_meta=snakemake.input.clusters_meta[0] if snakemake.input.clusters_meta else None,
     sample_grids=[(Path(grid).stem, grid) for grid in snakemake.input.grids],
     tables_dir=Path(out.tables[0]).parent,
     plots_dir=Path(out.cost).parent,
