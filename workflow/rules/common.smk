@@ -1,6 +1,7 @@
 # Shared by all rules: config validation, the study grid and input functions.
 from diffprune import names, paths
 from diffprune.config import grid, validate_params
+from diffprune.defaults import with_defaults
 from diffprune.names import FULL, SKEW, Run, needs
 from snakemake_interface_executor_plugins.settings import ExecMode
 
