@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 
 from diffprune import params_yaml, paths
-from diffprune.defaults import DIT_SIZES, fill, schema
+from diffprune.defaults import DIT_SIZES, fill, schema, with_defaults
 from diffprune.defaults import SCHEMA as SCHEMA  # tests and tools read the schema's path here
 from diffprune.errors import ConfigError
 from diffprune.names import FULL, Run, feature_key, scores_for
@@ -589,3 +589,29 @@ def _float_hint(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return f" (write {int(value)}, not {value!r})"
     return ""
+
+
+def gpu_request_problems(params: dict[str, Any], gpus: int | None) -> list[str]:
+    """Jobs that ask for more GPUs than one node declares (Snakemake's `--resources gpu=N`, e.g.
+    from a profile): a training of train.num_processes processes, or an embed (shard) job, which
+    asks for one. Named at parse time, before any job is submitted to wait forever in a queue.
+    `gpus` None: nothing declared, nothing to check."""
+    if gpus is None:
+        return []
+    limit = f"more GPUs than declared (--resources gpu={gpus}); allowed: at most {gpus}"
+    problems = []
+    train = params.get("train", {})
+    processes = train.get("num_processes", 1)
+    if train.get("device") != "cpu" and processes > gpus:
+        problems.append(f"train.num_processes = {processes}: {processes} {limit}")
+    embed = params.get("embed", {})
+    if embed.get("device") != "cpu" and gpus < 1:
+        shards = with_defaults("embed", embed)["shards"]
+        problems.append(f"embed.shards = {shards}: each embed job asks for 1 GPU, {limit}")
+    return problems
+
+
+def check_gpu_requests(params: dict[str, Any], gpus: int | None, *, source: str) -> None:
+    """Raise ConfigError, one line per job kind, when `gpu_request_problems` finds any."""
+    if problems := gpu_request_problems(params, gpus):
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))

@@ -41,6 +41,16 @@ def embeddings_meta() -> Path:
     return DATA / "embed" / "embeddings.json"
 
 
+def embeddings_shard(shard: int | str, shards: int | str) -> Path:
+    """Rows of one shard job (embed.shards > 1), gathered into embeddings(); N in the name, so
+    shards made for another N are never mixed in."""
+    return DATA / "embed" / "shards" / f"{shard}-of-{shards}.npy"
+
+
+def embeddings_shard_meta(shard: int | str, shards: int | str) -> Path:
+    return DATA / "embed" / "shards" / f"{shard}-of-{shards}.json"
+
+
 # autoencoder and encode: the latent space of the DiT (diffprune.autoencoder)
 def autoencoder() -> Path:
     """Folder: diffusers' save_pretrained files plus autoencoder.json (scale factor, quality)."""

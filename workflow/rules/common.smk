@@ -1,11 +1,19 @@
 # Shared by all rules: config validation, the study grid and input functions.
 from diffprune import names, paths
+from diffprune.config import check_gpu_requests, grid, validate_params
+from diffprune.defaults import with_defaults
 from diffprune.manifest import check_footer
-from diffprune.config import grid, validate_params
 from diffprune.names import FULL, SKEW, Run, needs
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 validate_params(config, source="params.yaml (with --config overrides)")
+# The GPUs one node has, where declared (`--resources gpu=N`, or a profile's `resources:`): a job
+# asking for more would wait in the queue forever; named here, before any submission.
+check_gpu_requests(
+    config,
+    workflow.global_resources.get("gpu").value,
+    source="params.yaml (with --config overrides)",
+)
 
 
 onstart:
@@ -23,7 +31,7 @@ SPLITS = names.SPLITS
 CLUSTERS_META = [
     paths.clusters_meta()
     for run, _ in GRID
-    if Run.parse(run).method != FULL and "clusters" in needs(Run.parse(run).method)
+    if run.method != FULL and "clusters" in needs(run.method)
 ][:1]
 
 
