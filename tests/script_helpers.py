@@ -9,15 +9,22 @@ much, which is all the scripts use; tests/test_scripts.py checks it against Snak
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import runpy
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from threadpoolctl import threadpool_limits
+
+from diffprune import checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "workflow" / "scripts"
@@ -107,3 +114,37 @@ def run_script(name: str, snakemake: SimpleNamespace) -> dict[str, Any]:
         root.setLevel(level)
         torch.set_num_threads(threads)
         threadpool_limits(1)
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    with open(sys.argv[1], "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit("busy")
+        f.seek(0); f.truncate(); f.write(f"{os.getpid()}\\n"); f.flush()
+        print("locked", flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+@contextlib.contextmanager
+def locked_elsewhere(directory: Path) -> Iterator[int]:
+    """Hold `directory`'s run lock in another process (flock on its lock file, as
+    checkpoints.run_lock takes it), as a job still training would; yields that process's pid."""
+    directory.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory / checkpoints.LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)

@@ -1,5 +1,4 @@
 import json
-import os
 import re
 
 import numpy as np
@@ -24,6 +23,7 @@ from diffprune.autoencoder import (
 )
 from diffprune.autoencoder_train import prepare_autoencoder, train_autoencoder
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
+from tests.script_helpers import locked_elsewhere
 
 TINY = {
     "source": "train",
@@ -135,8 +135,8 @@ def test_a_second_autoencoder_training_of_the_run_is_refused_while_one_runs(tmp_
     """The autoencoder takes the run lock of its checkpoint folder, as the diffusion training."""
     ckpt = tmp_path / "ckpt"
     with (
-        checkpoints.run_lock(ckpt),
-        pytest.raises(checkpoints.RunLocked, match=f"pid {os.getpid()}.*is training"),
+        locked_elsewhere(ckpt) as holder,
+        pytest.raises(checkpoints.RunLocked, match=f"pid {holder}.*is training"),
     ):
         train(tmp_path, "a", cfg={**TINY, "steps": 2}, checkpoint_dir=ckpt)
     assert not (tmp_path / "a").exists()

@@ -59,7 +59,6 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 import logging
 import os
 import re
@@ -96,7 +95,7 @@ from diffprune.report import collect, table
 from diffprune.select import full_manifest
 from diffprune.surrogate import train_moso_surrogates, train_surrogate
 from diffprune.train import train
-from tests.script_helpers import fake_snakemake, files, run_script
+from tests.script_helpers import fake_snakemake, files, locked_elsewhere, run_script
 from tests.test_bad_params import CASES, shown_value, with_changes
 from tests.test_scripts import PARAMS, write_store
 from tests.workflow_helpers import ENV, REPO
@@ -573,7 +572,10 @@ def test_dvc_repro_during_a_snakemake_run_refuses_and_destroys_nothing(tmp_path)
     )
     root = wf.make_project(tmp_path / "study", params)
     model = f"data/runs/random_r0.5/s{SEED}/model"
-    wf.snakemake(root, f"data/runs/random_r0.5/s{SEED}/manifest.parquet")
+    # every seed's manifest: the stage of random_r0.5's trainings reads them all
+    wf.snakemake(
+        root, *(f"data/runs/random_r0.5/s{s}/manifest.parquet" for s in wf.TINY["study"]["seeds"])
+    )
     with open(root / "snakemake.out", "w") as out:
         engine = subprocess.Popen(
             [str(wf.BIN / "snakemake"), "--cores", "1", model],
@@ -586,7 +588,7 @@ def test_dvc_repro_during_a_snakemake_run_refuses_and_destroys_nothing(tmp_path)
         live = root / f"data/runs/random_r0.5/s{SEED}/dvclive"
         ckpt = root / f"data/checkpoints/random_r0.5/s{SEED}" / checkpoints.LATEST
         wait_for(ckpt.exists, timeout=180, what="the first checkpoint")
-        refused = wf.dvc(root, "repro", "--single-item", f"train_random_r0p5_s{SEED}", check=False)
+        refused = wf.dvc(root, "repro", "--single-item", "train_random_r0p5", check=False)
         assert refused.returncode != 0
         assert "cannot be locked" in refused.stdout + refused.stderr
         assert engine.poll() is None and live.is_dir() and ckpt.exists()  # nothing deleted
@@ -793,7 +795,7 @@ def test_params_edited_while_a_dvc_stage_runs_fail_the_stage_so_no_lock_records_
     (root / "dvc.yaml").write_text(f"{SHAPE_LINE}{shape_digest(params)}\n")
     job = Job("download", (), "", (), (), ("data/store/train/images.npy",), ("data",))
     stage = subprocess.Popen(
-        command(job), shell=True, cwd=root, env=ENV, stderr=subprocess.PIPE, text=True
+        command((job,)), shell=True, cwd=root, env=ENV, stderr=subprocess.PIPE, text=True
     )
     wait_for(lambda: any((root / ".snakemake" / "incomplete").glob("*")), timeout=120,
              what="the job's start")  # fmt: skip
@@ -805,40 +807,6 @@ def test_params_edited_while_a_dvc_stage_runs_fail_the_stage_so_no_lock_records_
 
 
 # --- jobs, locks and disk (issue 16) ---
-HOLD_LOCK = textwrap.dedent(
-    """
-    import fcntl, os, sys
-    with open(sys.argv[1], "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit("busy")
-        f.seek(0); f.truncate(); f.write(f"{os.getpid()}\\n"); f.flush()
-        print("locked", flush=True)
-        sys.stdin.read()
-    """
-)
-
-
-@contextlib.contextmanager
-def locked_elsewhere(directory: Path) -> Iterator[int]:
-    """Hold `directory`'s run lock in another process (flock on its lock file, as
-    checkpoints.run_lock takes it), as a job still training would; yields that process's pid."""
-    directory.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(directory / checkpoints.LOCK)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield holder.pid
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
-
-
 def _train_autoencoder(out: Path, ckpt: Path) -> None:
     from tests.test_autoencoder import TINY as TINY_AE
 

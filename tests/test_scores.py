@@ -28,6 +28,7 @@ from diffprune.surrogate import (
     train_moso_surrogates,
     train_surrogate,
 )
+from tests.script_helpers import locked_elsewhere
 
 # compute_scores' params for the last raw snapshot with one random draw per sample (the defaults
 # are the EMA weights at timestep 15): its EL2N is then the last loss record.
@@ -299,7 +300,7 @@ def test_a_second_surrogate_training_of_the_run_is_refused_while_one_runs(
     tmp_path, tiny_unet_cfg, random_images
 ):
     with (
-        checkpoints.run_lock(tmp_path / "ckpt"),
+        locked_elsewhere(tmp_path / "ckpt"),
         pytest.raises(checkpoints.RunLocked, match="is training this run"),
     ):
         train_surrogate(
