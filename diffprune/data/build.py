@@ -136,14 +136,7 @@ def build_store(
     in the split is a ConfigError (the workflow's references need MIN_SPLIT_IMAGES).
     `fingerprint` (stat | content) is how a local folder is identified (`data.fingerprint`).
     """
-    if source not in SOURCES:
-        raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
-    if split not in SPLITS:
-        raise ConfigError(f"split {split!r} is unknown; allowed: {list(SPLITS)}")
-    if channels is not None:
-        check_channels(channels)
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    _check_request(source, split, channels, image_size)
     # stat the files before reading them: the plan saw this state (data.smk's fingerprint)
     seen = source_fingerprint(
         {
@@ -165,20 +158,10 @@ def build_store(
             cache_dir=cache_dir, progress=progress, recipe=recipe,
         )
     )  # fmt: skip
-    images, labels, sources, holdout = read.images, read.labels, read.sources, read.holdout
-    order = np.arange(len(images))
-    if holdout:
-        in_test = holdout_mask(len(images), test_fraction=test_fraction, seed=seed)
-        order = np.flatnonzero(in_test if split == "test" else ~in_test)
-    order = order[subset_indices(len(order), size=size, seed=seed, key=f"data.{split}_size")]
-    if len(order) < min_images:
-        where = "data.test_fraction" if holdout else f"data.{split}_size or the images there"
-        raise ConfigError(
-            f"the {split} split has {len(order)} image(s), from {where}; its reference statistics "
-            f"(FD, precision/recall) need at least {min_images}: allowed: a larger "
-            f"data.{split}_size or data.test_fraction, or more images (held-out ones: "
-            "data.test_path, or train/ and test/ folders)"
-        )
+    images, labels, sources = read.images, read.labels, read.sources
+    order = _split_order(
+        read, split=split, size=size, seed=seed, test_fraction=test_fraction, min_images=min_images
+    )
     # folder and hub images are already decoded at image_size; Fashion-MNIST may need a resize
     out_channels = channels or images.shape[-1]
     shape = (len(order), image_size, image_size, out_channels)
@@ -195,42 +178,71 @@ def build_store(
             "source": [sources[i] for i in order],
         }
     )
-    meta = {
-        "dataset": read.dataset_name,
-        "source": source,
-        "split": split,
-        "shape": list(shape),
-        "num_samples": len(order),
-        "image_size": image_size,
-        "channels": int(out_channels),
-        "class_names": read.class_names,
-        "holdout": holdout,
-        "bad_images": [{"path": p, "reason": r} for p, r in read.bad],
-        "provenance": provenance(
-            params={
-                "source": source,
-                "split": split,
-                "path": None if path is None else str(path),
-                "test_path": None if test_path is None else str(test_path),
-                "size": size,
-                "seed": seed,
-                "image_size": image_size,
-                "channels": channels,
-                "hf_name": hf_name,
-                "hf_split": hf_split,
-                "hf_revision": hf_revision,
-                "label_column": label_column,
-                "test_fraction": test_fraction if holdout else None,
-                "fingerprint": fingerprint,
-            },
-            inputs=read.inputs,
-        )
-        | {"source_fingerprint": seen, "hf_commit": read.hf_commit},
-    }
+    params = {
+        "source": source, "split": split, "path": None if path is None else str(path),
+        "test_path": None if test_path is None else str(test_path), "size": size, "seed": seed,
+        "image_size": image_size, "channels": channels, "hf_name": hf_name, "hf_split": hf_split,
+        "hf_revision": hf_revision, "label_column": label_column,
+        "test_fraction": test_fraction if read.holdout else None, "fingerprint": fingerprint,
+    }  # fmt: skip
+    meta = _store_meta(read, shape=shape, params=params, fingerprint=seen)
     write_store(out_dir, batches, shape, index, meta)
     for scratch in Path(out_dir).glob(".decoding-*"):
         shutil.rmtree(scratch)
     return meta
+
+
+def _check_request(source: str, split: str, channels: int | None, image_size: int) -> None:
+    if source not in SOURCES:
+        raise ConfigError(f"data source {source!r} is unknown; allowed: {list(SOURCES)}")
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; allowed: {list(SPLITS)}")
+    if channels is not None:
+        check_channels(channels)
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _split_order(
+    read: SourceImages, *, split: str, size: int | None, seed: int, test_fraction: float,
+    min_images: int,
+) -> np.ndarray:  # fmt: skip
+    """The source rows of `split`, in source order: the seeded holdout's side of a folder without
+    a test split, then a seeded `size` subset; fewer than `min_images` is a ConfigError."""
+    order = np.arange(len(read.images))
+    if read.holdout:
+        in_test = holdout_mask(len(read.images), test_fraction=test_fraction, seed=seed)
+        order = np.flatnonzero(in_test if split == "test" else ~in_test)
+    order = order[subset_indices(len(order), size=size, seed=seed, key=f"data.{split}_size")]
+    if len(order) < min_images:
+        where = "data.test_fraction" if read.holdout else f"data.{split}_size or the images there"
+        raise ConfigError(
+            f"the {split} split has {len(order)} image(s), from {where}; its reference statistics "
+            f"(FD, precision/recall) need at least {min_images}: allowed: a larger "
+            f"data.{split}_size or data.test_fraction, or more images (held-out ones: "
+            "data.test_path, or train/ and test/ folders)"
+        )
+    return order
+
+
+def _store_meta(
+    read: SourceImages, *, shape: tuple[int, ...], params: dict, fingerprint: dict
+) -> dict:
+    """store.json: what the store holds, the images that were refused, and its provenance."""
+    return {
+        "dataset": read.dataset_name,
+        "source": params["source"],
+        "split": params["split"],
+        "shape": list(shape),
+        "num_samples": shape[0],
+        "image_size": params["image_size"],
+        "channels": int(shape[-1]),
+        "class_names": read.class_names,
+        "holdout": read.holdout,
+        "bad_images": [{"path": p, "reason": r} for p, r in read.bad],
+        "provenance": provenance(params=params, inputs=read.inputs)
+        | {"source_fingerprint": fingerprint, "hf_commit": read.hf_commit},
+    }
 
 
 def _scratch_dir(out_dir, recipe: dict) -> Path:
