@@ -106,6 +106,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
+MinJobAge=300
 MpiDefault=none
 GresTypes=gpu
 NodeName=$HOST CPUs=2 RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN
