@@ -25,7 +25,7 @@ import yaml
 from diffprune import paths
 from tests.workflow_helpers import BIN, ENV, REPO, make_project, run, tiny_params
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 PROFILE = "workflow/profiles/slurm-local"
@@ -52,6 +52,17 @@ def unavailable() -> str | None:
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         return "SLURM test: snakemake-executor-plugin-slurm is not installed (make setup)"
     return None
+
+
+def test_without_root_the_slurm_tests_say_why(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert (
+        unavailable()
+        == "SLURM test: needs root (the cluster is installed with apt and runs as root)"
+    )
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "needs apt-get" in unavailable()
 
 
 @pytest.fixture(scope="session")
@@ -98,11 +109,11 @@ def wait_for(condition, *, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def accounting(root: Path) -> list[dict]:
-    """Every SLURM job that ran in `root`, from the accounting database (sacct)."""
+def accounting(root: Path, since: str) -> list[dict]:
+    """Every SLURM job submitted in `root` since `since`, from the accounting database (sacct)."""
     fields = "JobIDRaw,Comment,State,ReqCPUS,ReqMem,Timelimit,ReqTRES,WorkDir"
     out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-S", "now-1days", "-o", fields],
+        ["sacct", "-X", "-n", "-P", "-S", since, "-o", fields],
         capture_output=True,
         text=True,
         check=True,
@@ -158,13 +169,14 @@ def study(slurm_cluster, tmp_path_factory) -> dict:
     local = project(tmp_path_factory.mktemp("local"))
     cluster = project(tmp_path_factory.mktemp("slurm"))
     plan = planned(cluster)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")  # sacct -S: this study's jobs only
     local_run = snakemake_bg(local, "local", "--cores", "2")
     first = snakemake_bg(cluster, "slurm", "--profile", PROFILE)
     cancelled = cancel_training(cluster)
     finish(first, cluster, "slurm", ok=False)  # the cancelled job failed the first run
     finish(snakemake_bg(cluster, "slurm-rerun", "--profile", PROFILE), cluster, "slurm-rerun")
     finish(local_run, local, "local")
-    return {"local": local, "slurm": cluster, "plan": plan, "cancelled": cancelled}
+    return {"local": local, "slurm": cluster, "plan": plan, "cancelled": cancelled, "since": since}
 
 
 def minutes(limit: str) -> int:
@@ -174,10 +186,11 @@ def minutes(limit: str) -> int:
     return int(days or 0) * 1440 + hours * 60 + mins
 
 
+@pytest.mark.slow  # the study, locally and through SLURM (setup: a few minutes)
 def test_every_job_was_submitted_with_its_rules_requests(study):
     """One SLURM job per Snakemake job (plus the cancelled training), each in the accounting
     with the CPUs (threads), memory (mem_mb), time (runtime) and GPUs its rule asks for."""
-    jobs = accounting(study["slurm"])
+    jobs = accounting(study["slurm"], study["since"])
     cancelled = [job for job in jobs if job["JobIDRaw"] == study["cancelled"]]
     assert [job["State"] for job in cancelled] == ["CANCELLED by 0"], cancelled
     done = [job for job in jobs if job["JobIDRaw"] != study["cancelled"]]
@@ -194,6 +207,7 @@ def test_every_job_was_submitted_with_its_rules_requests(study):
     assert any("gres/gpu=1" in job["ReqTRES"] for job in done)  # device auto: train, sample
 
 
+@pytest.mark.slow  # the study, locally and through SLURM (setup: a few minutes)
 def test_cancelled_training_resumed_from_its_checkpoint(study):
     log = (study["slurm"] / paths.log("train", f"{RUN}_s{SEED}")).read_text()
     steps = [int(step) for step in re.findall(r"resuming from \S+ at step (\d+)", log)]
@@ -229,11 +243,13 @@ def recorded_sbatch(root: Path, tmp: Path, train: dict) -> list[str]:
     return call
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("processes", "accepted"), [(2, True), (3, False)])
 def test_gpu_requests_meet_a_node_with_two_gpus(study, tmp_path, processes, accepted):
     """train.num_processes: N asks for N GPUs (the `gpu` resource -> sbatch --gpus=N); the node
     with gres gpu:2 accepts 2 and refuses 3 (sbatch --test-only: placed, not run)."""
-    root = study["slurm"]
+    root = tmp_path / "project"  # a copy: a failed submission removes the outputs it would write
+    shutil.copytree(study["slurm"], root, symlinks=True)
     args = recorded_sbatch(root, tmp_path, {"num_processes": processes, "batch_size": 12})
     assert f"--gpus={processes}" in args and not any("--gres" in arg for arg in args), args
     test = subprocess.run(
@@ -282,6 +298,7 @@ def same_result(a: Path, b: Path) -> bool:
     return False
 
 
+@pytest.mark.slow  # the study, locally and through SLURM (setup: a few minutes)
 def test_results_equal_the_local_runs(study):
     """Same threads per job (max-threads 2 = --cores 2) and seeds: the SLURM run, its training
     cancelled and resumed, writes the local run's bytes; only measured times differ."""

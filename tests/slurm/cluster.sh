@@ -31,9 +31,12 @@ wait_for() {
 pidfile() { if [[ $1 == mariadb ]]; then echo "$DIR/mysql-run/mariadb.pid"; else echo "$DIR/$1.pid"; fi; }
 running() { [[ -f $(pidfile "$1") ]] && kill -0 "$(cat "$(pidfile "$1")")" 2>/dev/null; }
 
-install_packages() {
+check_host() {
   [[ $(id -u) == 0 ]] || die "needs root (it installs Debian packages and runs the daemons as root)"
   command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu) to install ${PACKAGES[*]}"
+}
+
+install_packages() {
   local missing=()
   for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -148,6 +151,7 @@ start_slurm() {
 }
 
 up() {
+  check_host
   mkdir -p "$DIR"/{state,spool,log}
   install_packages
   start_munge
