@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A disposable one-node SLURM cluster on this machine, for the tests and for trying
-# workflow/profiles/slurm-local: munge, MariaDB, slurmdbd (accounting: the SLURM executor reads job
-# states with sacct), slurmctld and slurmd, all as root, without systemd or cgroups.
+# workflow/profiles/slurm-local: munge, MariaDB and slurmdbd (accounting: sacct lists every job with
+# the CPUs, memory, time and GPUs it asked for), slurmctld and slurmd, as root, without systemd or
+# cgroups. One node: CPUs=2, two fake GPUs (gres gpu:2).
 #   tests/slurm/cluster.sh up|down|status
 # State, logs and the database live in $SLURM_LOCAL_DIR (default /tmp/diffprune-slurm); the
 # config files go to /etc/slurm, where sbatch and sacct look for them. It lives under tests/: it
