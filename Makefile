@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps run study-evidence study-gpu study-latent test lint bench dvc.yaml dvc-repro push pull help
+.PHONY: setup data-deps slurm-up slurm-down run study-evidence study-gpu study-latent test lint bench dvc.yaml dvc-repro push pull help
 help:  ## list the targets
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -53,6 +53,15 @@ study-latent: setup  ## the paper's model family at CPU size: conditional DiT on
 study-gpu: setup  ## the evidence grid with 5 seeds and longer training on one GPU
 	$(BIN)/snakemake --cores all --resources gpu=8 \
 		--configfile workflow/studies/evidence.yaml workflow/studies/gpu.yaml
+
+# A one-node SLURM cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd) on this machine, as root
+# from Debian packages; state in $$SLURM_LOCAL_DIR (default /tmp/diffprune-slurm). For the tests and
+# for trying workflow/profiles/slurm-local; `make slurm-down` stops every daemon it started.
+slurm-up:  ## start a one-node SLURM cluster here (root + apt): for workflow/profiles/slurm-local
+	tests/slurm/cluster.sh up
+
+slurm-down:  ## stop the daemons that `make slurm-up` started
+	tests/slurm/cluster.sh down
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
