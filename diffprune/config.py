@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import math
 import os
 from collections.abc import Callable
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from diffprune import params_yaml, paths
+from diffprune import params_yaml
+from diffprune.config_data import (
+    FASHION_MNIST,
+    folder_problems,
+    label_problems,
+    source_problems,
+    train_images,
+)
 from diffprune.defaults import DIT_SIZES, fill, schema, with_defaults
 from diffprune.defaults import SCHEMA as SCHEMA  # tests and tools read the schema's path here
 from diffprune.errors import ConfigError
@@ -38,10 +43,6 @@ METRIC_BASES = (
     "occupancy_kl",
 )  # fmt: skip
 CLASS_METRICS = ("class_kl", "class_share_min", "class_share_ratio_min")
-# Fashion-MNIST's splits and classes (data/fashion_mnist.py; checked against the files in tests).
-FASHION_MNIST = {"train": 60_000, "test": 10_000, "classes": 10}
-# Folders that Snakemake, DVC and dvclive write, besides the workflow's own (paths.written_folders).
-ENGINE_FOLDERS = ("dvclive", ".snakemake", ".dvc")
 # Sections with a `device` key.
 DEVICE_SECTIONS = ("embed", "cluster", "scores", "train", "autoencoder", "classifier", "evaluate")
 
@@ -119,104 +120,10 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 # --------------------------------------------------------------------------- cross-key rules
-# label column types of a local Hugging Face copy that give classes (data/huggingface.py)
-HF_LABEL_DTYPES = (
-    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string",
-)  # fmt: skip
-
-
 def _semantic_problems(params: dict[str, Any]) -> list[str]:
     """Rules that cross keys, which the schema cannot say (on params with the defaults filled)."""
     params = fill(params)
     return [problem for check in CHECKS for problem in check(params)]
-
-
-def _source_problems(params: dict[str, Any]) -> list[str]:
-    data, problems = params["data"], []
-    if data["source"] == "imagefolder" and not data["path"]:
-        problems.append("data.path = null: the imagefolder source needs the folder of images")
-    if data["source"] == "huggingface" and not data.get("hf_name"):
-        problems.append("data.hf_name = null: the huggingface source needs a dataset id")
-    hub_id = data.get("hf_name") and not Path(data["hf_name"]).exists()
-    if data["source"] == "huggingface" and hub_id and data.get("hf_revision") is None:
-        # the same rule as data.huggingface.check_revision, without importing the readers
-        problems.append(
-            f"data.hf_revision = null: the hub dataset {data['hf_name']!r} must be pinned "
-            "to a revision (a commit sha, tag or branch); null only for a local folder"
-        )
-    if data["source"] == "fashion-mnist":
-        problems += [
-            f"data.{split}_size = {data[f'{split}_size']}: must be <= {FASHION_MNIST[split]} "
-            f"(fashion-mnist's {split} split), or null for all of it"
-            for split in ("train", "test")
-            if (data[f"{split}_size"] or 0) > FASHION_MNIST[split]
-        ]
-    return problems
-
-
-def _folder_problems(params: dict[str, Any]) -> list[str]:
-    """An image folder must not overlap a folder the workflow writes: the store would take in
-    the workflow's own plots, samples or logs and change on every run (it never settles)."""
-    data = params["data"]
-    if data["source"] != "imagefolder":
-        return []
-    folders = [*map(str, paths.written_folders()), *ENGINE_FOLDERS, params["report"]["dir"]]
-    written = dict.fromkeys(folders)
-    problems = []
-    for key in ("path", "test_path"):
-        folder = data[key] and Path(data[key]).resolve()
-        overlap = [w for w in written if folder and _overlap(folder, Path(w).resolve())]
-        if overlap:
-            problems.append(
-                f"data.{key} = {data[key]!r}: overlaps {overlap[0]}/, which this workflow writes, "
-                "so the store would read its own outputs and never settle; allowed: a folder "
-                f"neither inside nor holding {', '.join(written)}"
-            )
-    return problems
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    return a.is_relative_to(b) or b.is_relative_to(a)
-
-
-def _train_images(data: dict[str, Any]) -> tuple[int, str] | None:
-    """The number of training images and where it comes from, when the config tells."""
-    if data["train_size"] is not None:
-        return data["train_size"], "data.train_size"
-    if data["source"] == "fashion-mnist":
-        return FASHION_MNIST["train"], "all of fashion-mnist's train split: data.train_size = null"
-    return None
-
-
-def _label_problems(params: dict[str, Any]) -> list[str]:
-    """A Hugging Face label column that cannot give classes, found before any job runs: what a
-    local copy's dataset_info.json says of it, and a conditional model without any labels."""
-    data, problems = params["data"], []
-    if data["source"] != "huggingface":
-        return problems
-    column = data.get("hf_label_column")
-    if column is None and params["train"].get("conditional", False):
-        problems.append(
-            "data.hf_label_column = null: train.conditional = true needs class labels; allowed: "
-            "the dataset's label column, or train.conditional: false"
-        )
-    if column is None or not data.get("hf_name"):
-        return problems
-    local = Path(data["hf_name"])  # a hub id names no folder: nothing to read before the job
-    for info in sorted(local.glob("dataset_info.json")) + sorted(local.glob("*/dataset_info.json")):
-        features = json.loads(info.read_text()).get("features") or {}
-        kind = features.get(column)
-        if kind is None:
-            problems.append(
-                f"data.hf_label_column = {column!r}: no such column in {info.parent} "
-                f"(columns: {', '.join(features)})"
-            )
-        elif kind.get("_type") != "ClassLabel" and kind.get("dtype") not in HF_LABEL_DTYPES:
-            problems.append(
-                f"data.hf_label_column = {column!r} is a {kind.get('dtype', kind.get('_type'))} "
-                f"column in {info.parent}; allowed: a ClassLabel, integer or string column"
-            )
-    return problems
 
 
 def _study_problems(params: dict[str, Any]) -> list[str]:
@@ -233,7 +140,7 @@ def _study_problems(params: dict[str, Any]) -> list[str]:
                 "study.baseline: true, for the paper's balanced rule "
                 "study.extra_runs: [cluster-balanced_r0.0]"
             )
-    return problems + _kept_problems(study["ratios"], _train_images(params["data"]))
+    return problems + _kept_problems(study["ratios"], train_images(params["data"]))
 
 
 def _kept_problems(ratios: list[float], images: tuple[int, str] | None) -> list[str]:
@@ -250,7 +157,7 @@ def _kept_problems(ratios: list[float], images: tuple[int, str] | None) -> list[
 
 
 def _cluster_problems(params: dict[str, Any]) -> list[str]:
-    k, images = params["cluster"]["k"], _train_images(params["data"])
+    k, images = params["cluster"]["k"], train_images(params["data"])
     fit_size = params["cluster"].get("fit_size")
     problems = []
     if images is not None and k > images[0]:
@@ -328,7 +235,7 @@ def _skew_problems(params: dict[str, Any]) -> list[str]:
     problems = []
     if skew["keep"] > skew["size"]:
         problems.append(f"skew.keep = {skew['keep']}: must be <= skew.size ({skew['size']})")
-    images = _train_images(data)
+    images = train_images(data)
     if images is not None and skew["size"] > images[0]:
         problems.append(
             f"skew.size = {skew['size']}: must be <= the number of training images, "
@@ -526,9 +433,9 @@ def _missing_device(visible: int) -> str:
 
 
 CHECKS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
-    _source_problems,
-    _folder_problems,
-    _label_problems,
+    source_problems,
+    folder_problems,
+    label_problems,
     _study_problems,
     _cluster_problems,
     _score_problems,
