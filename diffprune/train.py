@@ -269,6 +269,8 @@ def _resume(state: _State, key: dict) -> None:
     _set_rng_state(checkpoint["rng"])
     state.first_step = checkpoint["step"]
     state.history = [tuple(row) for row in checkpoint["history"]]
+    running, state.count = checkpoint.get("loss_window", (0.0, 0))  # older checkpoints: none
+    state.running.fill_(running)
     state.past_seconds = checkpoint["wall_seconds"]
 
 
@@ -338,7 +340,10 @@ def _checkpoint_step(state: _State, step: int, start_time: float) -> None:
     )
     saving_from = time.perf_counter()  # the check synced the device
     wall_seconds = state.past_seconds + saving_from - start_time
-    state.run.save(step, lambda: _checkpoint_state(state, wall_seconds=wall_seconds))
+    # the loss summed since the last log step, over all processes: a resumed run logs the mean
+    # of the same steps as an uninterrupted one
+    window = (state.accelerator.reduce(state.running, reduction="mean").item(), state.count)
+    state.run.save(step, lambda: _checkpoint_state(state, wall_seconds=wall_seconds, window=window))
     state.accelerator.wait_for_everyone()
     state.saving_seconds += time.perf_counter() - saving_from
 
@@ -420,9 +425,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _checkpoint_state(state: _State, *, wall_seconds: float) -> dict[str, Any]:
+def _checkpoint_state(
+    state: _State, *, wall_seconds: float, window: tuple[float, int]
+) -> dict[str, Any]:
     """A checkpoint's content beside its key and step: model, EMA, optimizer, grad scaler, torch
-    RNG states, loss history and the wall seconds so far."""
+    RNG states, loss history, the loss window since the last log step (sum, steps) and the wall
+    seconds so far."""
     scaler = state.accelerator.scaler
     return {
         "model": state.raw_model.state_dict(),
@@ -431,6 +439,7 @@ def _checkpoint_state(state: _State, *, wall_seconds: float) -> dict[str, Any]:
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": _rng_state(),
         "history": state.history,
+        "loss_window": list(window),
         "wall_seconds": wall_seconds,
     }
 

@@ -406,6 +406,24 @@ def test_dit_same_seed_same_weights_and_label_dropout_matters(tmp_path):
     assert not same_weights(tmp_path / "a" / "model", tmp_path / "c" / "model")
 
 
+def test_a_resumed_run_logs_the_losses_of_an_uninterrupted_one(tmp_path):
+    """A checkpoint (every 3 steps) between two log steps (every 4) carries the loss summed since
+    the last log step: the resumed run's step-4 and step-8 losses are the uninterrupted run's
+    (they averaged only the steps after the checkpoint before)."""
+    cfg = tiny(steps=8, log_every=4, checkpoint_every=3)
+    run(tmp_path, "clean", cfg=cfg, keep_checkpoint=True)
+    with pytest.raises(Crash):
+        run(tmp_path, "crashed", cfg=cfg, snapshot_every=1, on_snapshot=crash_at(4))
+    resumed = run(tmp_path, "crashed", cfg=cfg, keep_checkpoint=True)
+    assert resumed["resumed_from_step"] == 3
+    history = [
+        torch.load(tmp_path / name / "ckpt" / CHECKPOINT, weights_only=True)["history"]
+        for name in ("clean", "crashed")
+    ]
+    assert [step for step, _ in history[0]] == [4, 8]
+    assert history[1] == history[0]
+
+
 def test_dit_resume_after_crash_matches_uninterrupted_run(tmp_path):
     clean = run_dit(tmp_path, "clean", keep_checkpoint=True)
     with pytest.raises(Crash):
