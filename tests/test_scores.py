@@ -320,7 +320,7 @@ def test_moso_surrogates_score_each_sample_in_its_own_subset(
             )
     # batches of 3 against whole subsets: float32 gradient dot products summed in another order,
     # then a difference of three such terms (1.9e-6 relative apart on an AMD EPYC without
-    # AVX-512): 1e-4, as the formula test above
+    # AVX-512, and here with ONEDNN_MAX_CPU_ISA=AVX2): 1e-4, as the formula test above
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
     assert info["surrogate_seconds"] == meta["seconds"] > 0
     workers, _ = compute_scores(
