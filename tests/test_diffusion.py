@@ -218,7 +218,9 @@ def test_per_sample_gradients_with_torch_func(objective):
             objective=objective,
         ).sum().backward()  # fmt: skip
         for name, param in model.named_parameters():
-            assert torch.allclose(grads[name][i], param.grad, atol=1e-6), name
+            # vmap's batched kernels against batch-1 ones: float32 sums in another order; at
+            # atol 1e-6 the largest gap here was 0.83 of the tolerance (as the DiT test: 1e-5)
+            assert torch.allclose(grads[name][i], param.grad, atol=1e-5), name
 
 
 @pytest.mark.parametrize(

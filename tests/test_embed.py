@@ -84,7 +84,9 @@ def store(tmp_path_factory):
 def test_loader_workers_give_the_same_embedding_bytes(effnet, store, tmp_path):
     assert isinstance(store.images, np.memmap)
     alone = embed_images(store.images, effnet, batch_size=64, progress=False)
-    np.testing.assert_allclose(alone[:5], effnet(store.images[:5]), rtol=1e-4, atol=1e-5)
+    # batch 64 against batch 5: float32 convolutions blocked by another batch size; at (1e-4,
+    # 1e-5) the gap reached 0.47 of the tolerance here and 0.56 with ATEN_CPU_CAPABILITY=default
+    np.testing.assert_allclose(alone[:5], effnet(store.images[:5]), rtol=1e-3, atol=1e-4)
     out = tmp_path / "embed" / "embeddings.npy"
     shape = embed_to_file(store.images, effnet, out, batch_size=64, num_workers=2, progress=False)
     assert shape == (300, 1280) and [p.name for p in out.parent.iterdir()] == [out.name]

@@ -555,7 +555,9 @@ def test_two_processes_train_as_one_and_resume_to_the_same_bytes(project):
         for folder in (project / "runs" / "killed" / "s0" / "live", project / "one-live")
     ]
     assert curves[0]["step"].tolist() == curves[1]["step"].tolist() == list(range(1, 31))
-    assert curves[0]["loss"].iloc[0] == pytest.approx(curves[1]["loss"].iloc[0], rel=1e-6)
+    # two halves' float32 mean losses averaged against one mean over the whole batch (another
+    # summation order over batch x pixels, and convolutions blocked by another batch size)
+    assert curves[0]["loss"].iloc[0] == pytest.approx(curves[1]["loss"].iloc[0], rel=1e-5)
     assert record["final_loss"] == pytest.approx(one["final_loss"], rel=0.2)
 
 
