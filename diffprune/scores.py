@@ -36,7 +36,7 @@ from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import Draws, losses_under, scoring_batches
 from diffprune.errors import DataError
-from diffprune.names import SCORES
+from diffprune.names import ROW_SCORES, SCORES
 from diffprune.shards import gather_meta
 from diffprune.surrogate import (
     LOSSES,
@@ -50,10 +50,6 @@ from diffprune.surrogate import (
 
 log = logging.getLogger(__name__)
 
-# Scores computed row by row from the store in batches, each row's value from its own fixed draw
-# (keyed by sample id): scores.shards splits these into jobs over whole batches. Forgetting reads
-# the surrogate's loss records, MoSo a subset's mean gradient: neither is a per-row job.
-ROW_SCORES = ("el2n", "grand")
 # Keys that say how the stage is split into jobs, not what it computes: left out of the record,
 # so the record of N shards is the record of one job.
 LAYOUT_KEYS = ("shards",)
