@@ -252,9 +252,11 @@ def write_latents(
     num_workers: int = 0,
     images_file: str | os.PathLike | None = None,
     progress: bool = True,
+    rows: range | None = None,
 ) -> dict:
-    """Encode `images` with the autoencoder folder `ae_dir` into `out_path` (float16 .npy) and
-    write its record to `meta_path`: scale factor, shape, provenance. Returns the record."""
+    """Encode `images` (or one shard's `rows` of them, autoencoder.encode_shards, with `rows` in
+    the record) with the autoencoder folder `ae_dir` into `out_path` (float16 .npy) and write its
+    record to `meta_path`: scale factor, shape, provenance. Returns the record."""
     start = time.perf_counter()
     info = autoencoder_info(ae_dir)
     if info["resolution"] != resolution:
@@ -263,8 +265,9 @@ def write_latents(
             f"{ae_dir} was measured at; rerun the autoencoder stage"
         )
     ae = load_autoencoder(ae_dir)
+    part = images if rows is None else images[rows.start : rows.stop]
     shape = encode_to_file(
-        ae, images, out_path, resolution=resolution, batch_size=batch_size, device=device,
+        ae, part, out_path, resolution=resolution, batch_size=batch_size, device=device,
         num_workers=num_workers, progress=progress,
     )  # fmt: skip
     meta = {
@@ -283,6 +286,8 @@ def write_latents(
         "seconds": time.perf_counter() - start,
         "code_version": io.code_version(),
     }
+    if rows is not None:
+        meta["rows"] = [rows.start, rows.stop]
     io.save_json(meta_path, meta)
     return meta
 

@@ -498,6 +498,14 @@ def _float_hint(value: Any) -> str:
     return ""
 
 
+# (section, shard key, (section, key) of the device the rule's GPU request follows) of the stages
+# sharded beside embed: each shard job asks for one GPU unless that device is cpu.
+SHARDED_GPU_JOBS = (
+    ("autoencoder", "encode_shards", ("autoencoder", "device")),
+    ("scores", "shards", ("train", "device")),
+)
+
+
 def gpu_request_problems(params: dict[str, Any], gpus: int | None) -> list[str]:
     """Jobs that ask for more GPUs than one node declares (Snakemake's `--resources gpu=N`, e.g.
     from a profile): a training of train.num_processes processes, or an embed (shard) job, which
@@ -515,6 +523,10 @@ def gpu_request_problems(params: dict[str, Any], gpus: int | None) -> list[str]:
     if embed.get("device") != "cpu" and gpus < 1:
         shards = with_defaults("embed", embed)["shards"]
         problems.append(f"embed.shards = {shards}: each embed job asks for 1 GPU, {limit}")
+    for section, key, device in SHARDED_GPU_JOBS:
+        shards = with_defaults(section, params.get(section, {}))[key]
+        if shards > 1 and params.get(device[0], {}).get(device[1]) != "cpu" and gpus < 1:
+            problems.append(f"{section}.{key} = {shards}: each shard job asks for 1 GPU, {limit}")
     return problems
 
 

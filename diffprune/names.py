@@ -26,6 +26,10 @@ CLUSTER_METHODS = (
 # Score-based rules: <score> keeps the highest scores, <score>-inverse the lowest, <score>-mid the
 # middle of the ranking.
 SCORES = ("el2n", "grand", "forgetting", "moso")
+# Scores computed row by row from the store in batches, each row's value from its own fixed draw
+# (keyed by sample id): scores.shards splits these into jobs over whole batches. Forgetting reads
+# the surrogate's loss records, MoSo a subset's mean gradient: neither is a per-row job.
+ROW_SCORES = ("el2n", "grand")
 SCORE_VARIANTS = ("", "-inverse", "-mid")
 METHODS = (
     RANDOM,

@@ -71,6 +71,15 @@ def latents_meta() -> Path:
     return DATA / "latents" / "latents.json"
 
 
+def latents_shard(shard: int | str, shards: int | str) -> Path:
+    """Rows of one encode shard job (autoencoder.encode_shards > 1), gathered into latents()."""
+    return DATA / "latents" / "shards" / f"{shard}-of-{shards}.npy"
+
+
+def latents_shard_meta(shard: int | str, shards: int | str) -> Path:
+    return DATA / "latents" / "shards" / f"{shard}-of-{shards}.json"
+
+
 # The evidence selection rules rank by (clusters, scores) shares one folder, so that a DVC stage can
 # depend on it whatever the grid holds.
 EVIDENCE = DATA / "evidence"
@@ -105,6 +114,19 @@ def scores(name: str) -> Path:
 
 def scores_meta(name: str) -> Path:
     return EVIDENCE / f"{name}.json"
+
+
+# Outside EVIDENCE: a DVC stage depends on that whole folder, which must not hold partial rows.
+SCORE_SHARDS = DATA / "score_shards"
+
+
+def scores_shard(name: str, shard: int | str, shards: int | str) -> Path:
+    """Rows of one score shard job (scores.shards > 1, el2n and grand), gathered into scores()."""
+    return SCORE_SHARDS / name / f"{shard}-of-{shards}.npy"
+
+
+def scores_shard_meta(name: str, shard: int | str, shards: int | str) -> Path:
+    return SCORE_SHARDS / name / f"{shard}-of-{shards}.json"
 
 
 # per run: select, train, sample, evaluate
@@ -213,6 +235,7 @@ def written_folders() -> list[Path]:
     be inside one nor hold one; tests/test_faults.py checks every path above falls in one)."""
     data = [
         store("train").parent, embeddings().parent, autoencoder(), latents().parent, EVIDENCE,
+        SCORE_SHARDS,
         surrogate("k").parent, autoencoder_checkpoints().parent, run_dir("r", 0).parent.parent,
         classifier().parent, reference("s", "f").parent.parent,
     ]  # fmt: skip

@@ -36,7 +36,8 @@ from diffprune.device import resolve_device
 from diffprune.diffusion import build_scheduler, per_sample_loss
 from diffprune.draws import Draws, losses_under, scoring_batches
 from diffprune.errors import DataError
-from diffprune.names import SCORES
+from diffprune.names import ROW_SCORES, SCORES
+from diffprune.shards import gather_meta
 from diffprune.surrogate import (
     LOSSES,
     META,
@@ -48,6 +49,10 @@ from diffprune.surrogate import (
 )
 
 log = logging.getLogger(__name__)
+
+# Keys that say how the stage is split into jobs, not what it computes: left out of the record,
+# so the record of N shards is the record of one job.
+LAYOUT_KEYS = ("shards",)
 
 
 def el2n(
@@ -328,6 +333,7 @@ def compute_scores(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    rows: range | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Scores of every training sample for one score-based rule, and a JSON-able info record.
 
@@ -337,10 +343,13 @@ def compute_scores(
     and `weights` apply to el2n and grand only (forgetting reads the raw-weight loss records, MoSo
     the raw weights with one random draw per sample). seed: the per-sample draws. Returns
     (float64 (N,), info) where info["seconds"] is what the scores cost in all: surrogate training
-    plus scoring (info["gpu_seconds"]: the part run on one GPU).
+    plus scoring (info["gpu_seconds"]: the part run on one GPU). rows: one shard's rows (el2n and
+    grand only, scores.shards): their scores, with `rows` in the record.
     """
     if name not in SCORES:
         raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORES)}")
+    if rows is not None and name not in ROW_SCORES:
+        raise ValueError(f"{name} scores are not sharded; only {', '.join(ROW_SCORES)} are")
     cfg = with_defaults("scores", cfg)
     if cfg["weights"] not in WEIGHTS:
         raise ValueError(f"scores.weights = {cfg['weights']!r}: choose one of {', '.join(WEIGHTS)}")
@@ -365,22 +374,17 @@ def compute_scores(
     elif name == "moso":
         scores = _moso_all(surrogate_dir, images, draws=draws, device=device)
     else:
-        model = load_snapshot(surrogate_dir, weights=cfg["weights"], device=device)
-        at = {"cfg": meta["cfg"], "draws": draws.with_(timestep=cfg["timestep"])}
-        if name == "el2n":
-            scores = el2n_under(model, images, count=cfg["el2n_draws"], **at)
-        else:
-            scores = grand_under(model, images, **at)
+        scores = _row_scores(name, surrogate_dir, images, cfg, meta, draws, device, rows)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     scoring = time.perf_counter() - start
-    log.info("%s scores of %d samples in %.1f s", name, len(images), scoring)
+    log.info("%s scores of %d samples in %.1f s", name, len(scores), scoring)
     info = {
         "score": name,
-        "n": len(images),
+        "n": len(scores),
         "seed": seed,
         "batch_size": batch_size,
-        "params": cfg,
+        "params": {k: v for k, v in cfg.items() if k not in LAYOUT_KEYS},
         "device": str(device),
         "num_workers": num_workers,
         "surrogate_seconds": meta["seconds"],
@@ -389,7 +393,44 @@ def compute_scores(
         "gpu_seconds": meta["gpu_seconds"] + (scoring if device.type == "cuda" else 0.0),
         "code_version": io.code_version(),
     }
-    return scores, info
+    return scores, info if rows is None else {**info, "rows": [rows.start, rows.stop]}
+
+
+def _row_scores(
+    name: str,
+    surrogate_dir: Path,
+    images: np.ndarray,
+    cfg: dict,
+    meta: dict,
+    draws: Draws,
+    device: torch.device,
+    rows: range | None,
+) -> np.ndarray:
+    """EL2N or GraNd of `images[rows]` (all rows when None): each row keeps its sample id, so its
+    draw, and with whole batches its very batch, is the one the unsharded job uses."""
+    rows = range(len(images)) if rows is None else rows
+    part = images if len(rows) == len(images) else images[rows.start : rows.stop]
+    model = load_snapshot(surrogate_dir, weights=cfg["weights"], device=device)
+    at = {
+        "cfg": meta["cfg"],
+        "draws": draws.with_(timestep=cfg["timestep"]),
+        "sample_ids": np.arange(rows.start, rows.stop),
+    }
+    if name == "el2n":
+        return el2n_under(model, part, count=cfg["el2n_draws"], **at)
+    return grand_under(model, part, **at)
+
+
+def gather_info(infos: list[dict]) -> dict:
+    """The record of the unsharded job from its shards' (diffprune.shards.gather_meta): scoring
+    time summed over the shards, the surrogate's time counted once."""
+    info = gather_meta(infos, summed=("scoring_seconds", "seconds", "gpu_seconds"))
+    first = infos[0]
+    cuda = first["device"].startswith("cuda")
+    surrogate_gpu = first["gpu_seconds"] - (first["scoring_seconds"] if cuda else 0.0)
+    info["seconds"] = info["surrogate_seconds"] + info["scoring_seconds"]
+    info["gpu_seconds"] = surrogate_gpu + (info["scoring_seconds"] if cuda else 0.0)
+    return info
 
 
 def _moso_all(

@@ -58,19 +58,23 @@ def gather_npy(parts: Sequence[str | os.PathLike], out_path: str | os.PathLike) 
     return shape
 
 
-def gather_meta(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The sidecar of the unsharded job from the shards': the same keys, `n` summed and `seconds`
-    the compute time of all shards; shards must agree on everything else (same embedder, params,
-    inputs), checked so a shard left from other settings is never gathered."""
-    rest = [{k: v for k, v in m.items() if k not in ("rows", "n", "seconds")} for m in metas]
+def gather_meta(
+    metas: Sequence[dict[str, Any]], *, summed: Sequence[str] = ("seconds",)
+) -> dict[str, Any]:
+    """The sidecar of the unsharded job from the shards': the same keys in the same order, the
+    row count (`n`, or the first entry of `shape`) and the `summed` keys (compute time) added over
+    the shards; shards must agree on everything else (same model, params, inputs), checked so a
+    shard left from other settings is never gathered."""
+    counts = ("rows", "n", "shape", *summed)
+    rest = [{k: v for k, v in m.items() if k not in counts} for m in metas]
     if any(r != rest[0] for r in rest[1:]):
         raise ValueError("shard sidecars disagree beyond their rows: made with different settings")
     rows = [m["rows"] for m in metas]
     if rows[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(rows)):
         raise ValueError(f"shard rows {rows} are not contiguous from row 0")
-    first = {k: v for k, v in metas[0].items() if k != "rows"}
-    return {
-        **first,
-        "n": sum(m["n"] for m in metas),
-        "seconds": sum(m["seconds"] for m in metas),
-    }
+    out = {k: v for k, v in metas[0].items() if k != "rows"}
+    if "n" in out:
+        out["n"] = sum(m["n"] for m in metas)
+    if "shape" in out:
+        out["shape"] = [sum(m["shape"][0] for m in metas), *out["shape"][1:]]
+    return {**out, **{k: sum(m[k] for m in metas) for k in summed}}

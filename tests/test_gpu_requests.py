@@ -37,3 +37,19 @@ def test_snakemake_stops_at_parse_time_naming_train_num_processes(tmp_path):
         "train.num_processes = 2: 2 more GPUs than declared (--resources gpu=1)"
         in result.stdout + result.stderr
     )
+
+
+def test_encode_and_score_shards_asking_for_gpus_beyond_declared_name_their_key():
+    params = {
+        "train": {"device": "cuda"}, "embed": {"device": "cpu"},
+        "autoencoder": {"device": "cuda", "encode_shards": 2}, "scores": {"shards": 3},
+    }  # fmt: skip
+    limit = "more GPUs than declared (--resources gpu=0); allowed: at most 0"
+    assert gpu_request_problems(params, 0) == [
+        f"train.num_processes = 1: 1 {limit}",
+        f"autoencoder.encode_shards = 2: each shard job asks for 1 GPU, {limit}",
+        f"scores.shards = 3: each shard job asks for 1 GPU, {limit}",
+    ]
+    assert gpu_request_problems(params, 1) == []
+    unsharded = {**params, "autoencoder": {"device": "cuda"}, "scores": {}}
+    assert gpu_request_problems(unsharded, 0) == [f"train.num_processes = 1: 1 {limit}"]

@@ -68,3 +68,114 @@ def test_gather_refuses_shards_of_other_settings_or_missing_rows():
         gather_meta([{**meta, "rows": [0, 16]}, {**other, "rows": [16, 32]}])
     with pytest.raises(ValueError, match="not contiguous"):
         gather_meta([{**meta, "rows": [0, 16]}, {**meta, "rows": [32, 48]}])
+
+
+def gathered(tmp_path, name, shards, n, batch_size, key, job):
+    """Run `job(rows, npy, json)` for every shard of `shards`, gather the `.npy` files into
+    `name`.npy; returns the shard sidecars."""
+    parts, metas = [], []
+    for i in range(shards):
+        rows = shard_rows(n, shards, i, batch_size, key=key)
+        parts.append(tmp_path / f"{name}{i}.npy")
+        metas.append(job(rows, parts[-1], tmp_path / f"{name}{i}.json"))
+    gather_npy(parts, tmp_path / f"{name}.npy")
+    return metas
+
+
+@pytest.fixture(scope="module")
+def autoencoder_dir(tmp_path_factory):
+    """A random-weight gray AutoencoderKL (8, 16 channels) made ready by the pretrained path."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from diffprune.autoencoder_train import prepare_autoencoder
+
+    root = tmp_path_factory.mktemp("ae")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=1, out_channels=1, block_out_channels=(8, 16), latent_channels=2,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+    ).save_pretrained(root / "hub")  # fmt: skip
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    cfg = {"source": "pretrained", "pretrained": str(root / "hub"), "device": "cpu"}
+    prepare_autoencoder(cfg, images=images, resolution=16, seed=0, out_dir=root / "ae",
+                        progress=False)  # fmt: skip
+    return root / "ae"
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_gathered_encode_shards_are_the_latents_and_record_of_one_job(
+    autoencoder_dir, tmp_path, shards
+):
+    from diffprune.autoencoder import write_latents
+
+    images = np.random.default_rng(2).integers(0, 256, (37, 16, 16, 1), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    common = {
+        "resolution": 16, "batch_size": 8, "device": "cpu", "progress": False,
+        "images_file": tmp_path / "images.npy",
+    }  # fmt: skip
+    one = write_latents(autoencoder_dir, images, out_path=tmp_path / "one.npy",
+                        meta_path=tmp_path / "one.json", **common)  # fmt: skip
+
+    def job(rows, npy, meta):
+        return write_latents(autoencoder_dir, images, out_path=npy, meta_path=meta, rows=rows,
+                             **common)  # fmt: skip
+
+    metas = gathered(tmp_path, "all", shards, 37, 8, "autoencoder.encode_shards", job)
+    assert (tmp_path / "all.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
+    gathered_meta = gather_meta(metas)
+    assert list(gathered_meta) == list(one) and gathered_meta["shape"] == [37, 2, 8, 8]
+    assert {**gathered_meta, "seconds": 0} == {**one, "seconds": 0}
+
+
+@pytest.fixture(scope="module")
+def surrogate_dir(tmp_path_factory):
+    """A tiny surrogate trained 2 steps on 21 random 8 px gray images (with its EMA snapshot)."""
+    from diffprune.surrogate import train_surrogate
+    from tests.conftest import TINY_UNET
+
+    root = tmp_path_factory.mktemp("sur")
+    images = np.random.default_rng(4).integers(0, 256, (21, 8, 8, 1), dtype=np.uint8)
+    train_surrogate(
+        images, cfg={**TINY_UNET, "steps": 2}, seed=0, out_dir=root / "sur",
+        checkpoint_dir=root / "ckpt", num_snapshots=1, record_losses=False, progress=False,
+    )  # fmt: skip
+    return root / "sur", images
+
+
+@pytest.mark.parametrize(("name", "shards"), [("el2n", 3), ("grand", 2)])
+def test_gathered_score_shards_are_the_scores_and_record_of_one_job(
+    surrogate_dir, tmp_path, name, shards
+):
+    """Each row keeps its sample id's draw (two el2n draws, the random t) and its batch."""
+    from diffprune.scores import compute_scores, gather_info
+
+    folder, images = surrogate_dir
+    cfg = {"el2n_draws": 2, "timestep": None, "shards": shards}
+    common = {"surrogate_dir": folder, "images": images, "seed": 5, "batch_size": 4,
+              "device": "cpu", "progress": False}  # fmt: skip
+    one, one_info = compute_scores(name, cfg={**cfg, "shards": 1}, **common)
+    np.save(tmp_path / "one.npy", one)
+
+    def job(rows, npy, _):
+        scores, info = compute_scores(name, cfg=cfg, rows=rows, **common)
+        np.save(npy, scores)
+        return info
+
+    infos = gathered(tmp_path, "all", shards, 21, 4, "scores.shards", job)
+    assert (tmp_path / "all.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
+    info = gather_info(infos)
+    assert list(info) == list(one_info) and info["n"] == 21 and "shards" not in info["params"]
+    timing = {"seconds": 0, "scoring_seconds": 0, "gpu_seconds": 0}
+    assert {**info, **timing} == {**one_info, **timing}
+    assert info["seconds"] == pytest.approx(info["surrogate_seconds"] + info["scoring_seconds"])
+
+
+def test_only_row_scores_are_sharded(surrogate_dir):
+    from diffprune.scores import compute_scores
+
+    folder, images = surrogate_dir
+    with pytest.raises(ValueError, match="forgetting scores are not sharded; only el2n, grand"):
+        compute_scores("forgetting", surrogate_dir=folder, images=images, rows=range(0, 4))

@@ -28,25 +28,77 @@ rule autoencoder:
         "../scripts/autoencoder.py"
 
 
-rule encode:
-    """Posterior means of every training image (float16, memory-mapped), computed once."""
-    input:
-        autoencoder=paths.autoencoder(),
-        images=paths.store_images("train"),
-        code=library_code("encode"),
-    output:
-        latents=paths.latents(),
-        meta=paths.latents_meta(),
-    params:
-        autoencoder=config["autoencoder"],
-        resolution=config["train"]["resolution"],
-    log:
-        paths.log("encode"),
-    threads: workflow.cores
-    resources:
-        mem_mb=8000,
-        gpu=1 if config["autoencoder"]["device"] != "cpu" else 0,
-    conda:
-        "../envs/diffprune.yaml"
-    script:
-        "../scripts/encode.py"
+ENCODE_SHARDS = with_defaults("autoencoder", config["autoencoder"])["encode_shards"]
+AUTOENCODER_GPU = 1 if config["autoencoder"]["device"] != "cpu" else 0
+
+
+if ENCODE_SHARDS == 1:
+
+    rule encode:
+        """Posterior means of every training image (float16, memory-mapped), computed once."""
+        input:
+            autoencoder=paths.autoencoder(),
+            images=paths.store_images("train"),
+            code=library_code("encode"),
+        output:
+            latents=paths.latents(),
+            meta=paths.latents_meta(),
+        params:
+            autoencoder=config["autoencoder"],
+            resolution=config["train"]["resolution"],
+        log:
+            paths.log("encode"),
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+            gpu=1 if config["autoencoder"]["device"] != "cpu" else 0,
+        conda:
+            "../envs/diffprune.yaml"
+        script:
+            "../scripts/encode.py"
+
+else:
+
+    rule encode_shard:
+        """autoencoder.encode_shards > 1: one contiguous slice of whole batches, one GPU per job.
+        Temporary: once gathered, a shard is not kept."""
+        input:
+            autoencoder=paths.autoencoder(),
+            images=paths.store_images("train"),
+            code=library_code("encode_shard"),
+        output:
+            latents=temp(paths.latents_shard("{shard}", ENCODE_SHARDS)),
+            meta=temp(paths.latents_shard_meta("{shard}", ENCODE_SHARDS)),
+        params:
+            autoencoder=config["autoencoder"],
+            resolution=config["train"]["resolution"],
+        log:
+            paths.log("encode", "shard{shard}"),
+        wildcard_constraints:
+            shard=r"\d+",
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+            gpu=AUTOENCODER_GPU,
+        conda:
+            "../envs/diffprune.yaml"
+        script:
+            "../scripts/encode_shard.py"
+
+    rule encode_gather:
+        """The shards' rows into the latents file rule encode writes (the same bytes)."""
+        input:
+            latents=[paths.latents_shard(i, ENCODE_SHARDS) for i in range(ENCODE_SHARDS)],
+            metas=[paths.latents_shard_meta(i, ENCODE_SHARDS) for i in range(ENCODE_SHARDS)],
+            code=library_code("encode_gather"),
+        output:
+            latents=paths.latents(),
+            meta=paths.latents_meta(),
+        log:
+            paths.log("encode", "gather"),
+        resources:
+            mem_mb=2000,
+        conda:
+            "../envs/diffprune.yaml"
+        script:
+            "../scripts/encode_gather.py"
