@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 
 import diffprune
-from diffprune import dvc_yaml
+from diffprune import advise, dvc_yaml
 from diffprune.cluster import INITS, clusters_frame, kmeans, validate_embeddings
+from diffprune.config import load_params
 from diffprune.errors import DataError, DiffpruneError
 from diffprune.io import load_json, provenance, save_json, save_parquet
 from diffprune.names import BALANCED_ORDERS, SCORES, Run, needs, validate_method
+from diffprune.report import describe
 from diffprune.select import KEEPS, rule, select, sidecar
 
 
@@ -104,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sel.add_argument("--device", default="auto", help="k-means device: auto, cpu, cuda (auto)")
     sel.set_defaults(func=cmd_select)
+    adv = sub.add_parser(
+        "advise",
+        parents=[common],
+        help="how much data can be dropped, and with which method (from a study's results)",
+        description=advise.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    adv.add_argument("results_dir", type=Path, help="a study's report dir (has summary.csv)")
+    adv.add_argument("--metric", help="headline metric (default: params' report.metric)")
+    adv.add_argument("--margin", type=float, help="default: params' report.claims.margin")
+    adv.add_argument("--params", type=Path, default=Path("params.yaml"), help="(params.yaml)")
+    adv.set_defaults(func=cmd_advise)
     dvc_yaml.add_parser(sub, [common])
     return parser
 
@@ -152,6 +166,19 @@ def cmd_select(args: argparse.Namespace) -> None:
     print(
         f"{args.out}: kept {meta['n_kept']} of {meta['n_total']} samples ({method}, p={args.ratio})"
     )
+
+
+def cmd_advise(args: argparse.Namespace) -> None:
+    metric, margin = args.metric, args.margin
+    if metric is None or margin is None:
+        report = load_params(args.params, check_cuda=False)["report"]
+        metric = metric or report["metric"]
+        margin = report["claims"]["margin"] if margin is None else margin
+    if not 0 <= margin < 1:
+        raise DataError(f"--margin must be a fraction in [0, 1), got {margin}")
+    frame = advise.read_summary(args.results_dir)
+    better = describe(metric)[2].startswith("higher")
+    print(advise.advice(frame, metric=metric, higher_is_better=better, margin=margin), end="")
 
 
 def _select_inputs(args: argparse.Namespace, method: str):
