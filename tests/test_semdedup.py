@@ -74,3 +74,25 @@ def test_semdedup_bad_inputs_name_the_problem():
         select("semdedup", 0.2, clusters=clusters, embeddings=x, semdedup_eps=-1)
     with pytest.raises(ValueError, match=r"shape \(N=50, D\)"):
         select("semdedup", 0.2, clusters=clusters, embeddings=x[:10])
+
+
+def test_cli_semdedup_writes_eps_threshold_and_kept_fraction(tmp_path, capsys):
+    from diffprune.cli import main
+    from diffprune.io import load_json
+
+    x, _, groups = planted()
+    np.save(tmp_path / "emb.npy", x)
+    out = tmp_path / "m.parquet"
+    args = [
+        "select",
+        "--method",
+        "semdedup",
+        "--ratio",
+        "0.24",
+        "--embeddings",
+        tmp_path / "emb.npy",
+    ]
+    assert main([str(a) for a in [*args, "--k", "2", "--semdedup-eps", "1e-3", "--out", out]]) == 0
+    meta = load_json(out.with_suffix(".json"))
+    assert meta["semdedup_eps"] == 1e-3 and meta["semdedup_threshold"] == pytest.approx(1 - 1e-3)
+    assert meta["n_kept"] == 50 - len(groups) * COPIES and meta["kept_fraction"] == 0.76
