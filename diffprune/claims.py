@@ -81,7 +81,8 @@ def check_floor(frame: pd.DataFrame, *, max_class_kl: float, min_share_ratio: fl
     return Floor(passed, text + ("" if text.endswith(".") else "."))
 
 
-def _by_seed(frame: pd.DataFrame, method: str, ratio: float | None, column: str) -> pd.Series:
+def by_seed(frame: pd.DataFrame, method: str, ratio: float | None, column: str) -> pd.Series:
+    """`column` of `method`'s runs (at `ratio`, unless None) indexed by seed."""
     rows = frame[frame["method"] == method]
     if ratio is not None:
         rows = rows[np.isclose(rows["ratio"].astype(float), ratio)]
@@ -107,6 +108,12 @@ def _verdict(gain: Interval, *, threshold: float = 0.0) -> str:
     if gain.high < threshold:
         return CONTRADICTED
     return INCONCLUSIVE
+
+
+def non_inferiority(diff: Interval, *, higher_is_better: bool, allowed: float) -> str:
+    """C1's verdict on `diff` = method - full data: supported (non-inferior) when the whole 95%
+    interval says the method is worse by less than `allowed` (margin x the full data's mean)."""
+    return _verdict(_oriented(diff, 1.0 if higher_is_better else -1.0), threshold=-allowed)
 
 
 def _row(
@@ -155,23 +162,23 @@ def judge_claims(
     """
     sign = 1.0 if higher_is_better else -1.0
     ratios = sorted(frame.loc[frame["method"] == method, "ratio"].dropna().unique()) or [math.nan]
-    full = _by_seed(frame, FULL, None, metric)
+    full = by_seed(frame, FULL, None, metric)
     allowed = margin * abs(full.mean()) if len(full) else math.nan
     rows = []
     for ratio in ratios:
-        diff = paired_difference(_by_seed(frame, method, ratio, metric), full)
+        diff = paired_difference(by_seed(frame, method, ratio, metric), full)
         statement = f"pruning keeps or improves quality ({metric}, margin {margin:.0%})"
-        verdict = _verdict(_oriented(diff, sign), threshold=-allowed)
+        verdict = non_inferiority(diff, higher_is_better=higher_is_better, allowed=allowed)
         rows.append(_row("C1", statement, f"{method} - full data", ratio, diff, verdict))
     scored = sorted(m for m in frame["method"].unique() if score_of(m) is not None)
     for rival in ["random", *scored]:
         for ratio in ratios:
             diff = paired_difference(
-                _by_seed(frame, method, ratio, metric), _by_seed(frame, rival, ratio, metric)
+                by_seed(frame, method, ratio, metric), by_seed(frame, rival, ratio, metric)
             )
             cost = ratio_of_means(
-                _by_seed(frame, method, ratio, "selection_seconds"),
-                _by_seed(frame, rival, ratio, "selection_seconds"),
+                by_seed(frame, method, ratio, "selection_seconds"),
+                by_seed(frame, rival, ratio, "selection_seconds"),
             )
             note = "" if math.isnan(cost) else f"selection compute {_times(cost)} {rival}'s"
             statement = f"clustering beats {rival} at equal training steps ({metric})"
@@ -179,7 +186,7 @@ def judge_claims(
             rows.append(_row("C2", statement, f"{method} - {rival}", ratio, diff, verdict, note))
     top = max(ratios)
     diff = paired_difference(
-        _by_seed(frame, method, top, novelty_metric), _by_seed(frame, FULL, None, novelty_metric)
+        by_seed(frame, method, top, novelty_metric), by_seed(frame, FULL, None, novelty_metric)
     )
     statement = f"aggressive pruning lowers novelty ({novelty_metric})"
     verdict = _verdict(_oriented(diff, -1.0))

@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 
 import diffprune
-from diffprune import dvc_yaml
+from diffprune import advise, dvc_yaml
 from diffprune.cluster import INITS, clusters_frame, kmeans, validate_embeddings
+from diffprune.config import load_params
 from diffprune.errors import DataError, DiffpruneError
 from diffprune.io import load_json, provenance, save_json, save_parquet
-from diffprune.names import BALANCED_ORDERS, SCORES, Run, needs, validate_method
-from diffprune.select import KEEPS, rule, select, sidecar
+from diffprune.names import BALANCED_ORDERS, SCORES, SEMDEDUP, Run, needs, validate_method
+from diffprune.report import describe
+from diffprune.select import KEEPS, rule, select, semdedup_record, sidecar
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,8 +53,10 @@ What each --method KEEPS (<score> is one of {", ".join(SCORES)}):
 {_KEEPS_HELP}
 
 Cluster rules need --embeddings and --k (k-means is run) or --clusters (a clusters.parquet
-with sample_id, cluster, distance); score rules need --scores (a 1-D .npy with one score per
-sample, in sample_id order); random needs any one of them to count the samples.
+with sample_id, cluster, distance); semdedup needs --embeddings and --k (it also reads the
+cosine similarities; --semdedup-eps sets the threshold, else --ratio does); score rules
+need --scores (a 1-D .npy with one score per sample, in sample_id order); random needs any
+one of them to count the samples.
 
 Output (--out): Parquet, one row per sample, sorted by sample_id, with columns
   sample_id (int64)
@@ -103,14 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="which samples cluster-balanced takes in each cluster (furthest)",
     )
     sel.add_argument("--device", default="auto", help="k-means device: auto, cpu, cuda (auto)")
+    sel.add_argument(
+        "--semdedup-eps",
+        type=float,
+        help="semdedup: remove above cosine similarity 1 - eps (default: set by --ratio)",
+    )
     sel.set_defaults(func=cmd_select)
+    adv = sub.add_parser(
+        "advise",
+        parents=[common],
+        help="how much data can be dropped, and with which method (from a study's results)",
+        description=advise.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    adv.add_argument("results_dir", type=Path, help="a study's report dir (has summary.csv)")
+    adv.add_argument("--metric", help="headline metric (default: params' report.metric)")
+    adv.add_argument("--margin", type=float, help="default: params' report.claims.margin")
+    adv.add_argument("--params", type=Path, default=Path("params.yaml"), help="(params.yaml)")
+    adv.set_defaults(func=cmd_advise)
     dvc_yaml.add_parser(sub, [common])
     return parser
 
 
 def cmd_select(args: argparse.Namespace) -> None:
     method = validate_method(args.method)
-    inputs, n, clusters, scores, clustering = _select_inputs(args, method)
+    inputs, n, clusters, scores, clustering, embeddings = _select_inputs(args, method)
     start = time.perf_counter()
     manifest = select(
         method,
@@ -120,6 +141,8 @@ def cmd_select(args: argparse.Namespace) -> None:
         scores=scores,
         seed=args.seed,
         balanced_order=args.balanced_order,
+        embeddings=embeddings,
+        semdedup_eps=args.semdedup_eps,
     )
     seconds = time.perf_counter() - start
     params = {
@@ -130,8 +153,10 @@ def cmd_select(args: argparse.Namespace) -> None:
         "iterations": args.iterations if clustering else None,
         "init": args.init if clustering else None,
         "balanced_order": args.balanced_order,
+        "semdedup_eps": args.semdedup_eps,
     }
     compute = {"select_seconds": seconds}
+    dedup = method == SEMDEDUP
     if clustering:
         compute["clusters_seconds"] = clustering.seconds
     meta = sidecar(
@@ -145,6 +170,7 @@ def cmd_select(args: argparse.Namespace) -> None:
         iterations=params["iterations"],
         init=params["init"],
         balanced_order=args.balanced_order,
+        **(semdedup_record(manifest, args.ratio, args.semdedup_eps) if dedup else {}),
         provenance=provenance(params=params, inputs=inputs),
     )
     save_parquet(args.out, manifest)
@@ -154,21 +180,37 @@ def cmd_select(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_advise(args: argparse.Namespace) -> None:
+    metric, margin = args.metric, args.margin
+    if metric is None or margin is None:
+        report = load_params(args.params, check_cuda=False)["report"]
+        metric = metric or report["metric"]
+        margin = report["claims"]["margin"] if margin is None else margin
+    if not 0 <= margin < 1:
+        raise DataError(f"--margin must be a fraction in [0, 1), got {margin}")
+    frame = advise.read_summary(args.results_dir)
+    better = describe(metric)[2].startswith("higher")
+    print(advise.advice(frame, metric=metric, higher_is_better=better, margin=margin), end="")
+
+
 def _select_inputs(args: argparse.Namespace, method: str):
     """Read the inputs `method` needs, running k-means when it needs clusters of the embeddings.
 
-    Returns (input paths by name, n, clusters table, scores, clustering); absent ones are None.
+    Returns (input paths by name, n, clusters table, scores, clustering, embeddings when the
+    method reads them); absent ones are None.
     """
     needs_clusters = "clusters" in needs(method)
     if needs_clusters and args.embeddings is None and args.clusters is None:
         raise DataError(f"method {method!r} needs --embeddings (with --k) or --clusters")
     if needs_clusters and args.embeddings is not None and args.k is None:
         raise DataError(f"method {method!r} clusters the embeddings: pass --k")
-    if needs(method) - {"clusters"} and args.scores is None:
+    if "embeddings" in needs(method) and args.embeddings is None:
+        raise DataError(f"method {method!r} needs --embeddings (cosine similarities)")
+    if needs(method) - {"clusters", "embeddings"} and args.scores is None:
         raise DataError(f"method {method!r} needs --scores")
     if args.embeddings is None and args.clusters is None and args.scores is None:
         raise DataError(f"method {method!r} needs --embeddings, --clusters or --scores")
-    inputs, n, clusters, scores, clustering = {}, None, None, None, None
+    inputs, n, clusters, scores, clustering, embeddings = {}, None, None, None, None, None
     if args.clusters is not None:
         inputs["clusters"] = args.clusters
         clusters = _read(args.clusters, pd.read_parquet)
@@ -190,7 +232,9 @@ def _select_inputs(args: argparse.Namespace, method: str):
     if args.scores is not None:
         inputs["scores"] = args.scores
         scores = _read(args.scores, np.load)
-    return inputs, n, clusters, scores, clustering
+    if "embeddings" not in needs(method):
+        embeddings = None
+    return inputs, n, clusters, scores, clustering, embeddings
 
 
 def _read(path: Path, reader):

@@ -31,10 +31,13 @@ SCORES = ("el2n", "grand", "forgetting", "moso")
 # the surrogate's loss records, MoSo a subset's mean gradient: neither is a per-row job.
 ROW_SCORES = ("el2n", "grand")
 SCORE_VARIANTS = ("", "-inverse", "-mid")
+# SemDeDup (Abbas et al. 2023): near-duplicates by cosine similarity within each k-means cluster.
+SEMDEDUP = "semdedup"
 METHODS = (
     RANDOM,
     *CLUSTER_METHODS,
     *(f"{score}{variant}" for score in SCORES for variant in SCORE_VARIANTS),
+    SEMDEDUP,
 )
 # Which surrogate each score reads: `full`, one model on all training data, or `moso`, MoSo's
 # surrogates on disjoint subsets.
@@ -119,8 +122,11 @@ def validate_method(method: str) -> str:
 
 
 def needs(method: str) -> set[str]:
-    """Inputs a method needs: {"clusters"}, {"scores:<name>"} or nothing (random)."""
+    """Inputs a method needs: {"clusters"}, {"clusters", "embeddings"} (semdedup),
+    {"scores:<name>"} or nothing (random)."""
     validate_method(method)
+    if method == SEMDEDUP:
+        return {"clusters", "embeddings"}
     if method in CLUSTER_METHODS:
         return {"clusters"}
     score = score_of(method)

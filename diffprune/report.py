@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from diffprune import io
+from diffprune import advise, io
 from diffprune.claims import Floor, check_floor, claims_markdown, judge_claims
 from diffprune.names import FEATURES, FULL, feature_key
 from diffprune.stats import mean_ci, paired_difference
@@ -283,7 +283,7 @@ def write_report(
             "report): this table does not compare data quality.\n\n"
         )
     )
-    sections = [quality.text + "\n", claims_text]
+    sections = [quality.text + "\n", claims_text, advice_section(frame, headline, claims)]
     degenerate = io.load_json(clusters_meta).get("degenerate") if clusters_meta else None
     if degenerate and degenerate["warning"]:
         sections.insert(0, f"> **Warning:** {degenerate['warning']}\n")
@@ -311,6 +311,20 @@ def write_report(
     with io.atomic_path(summary_csv) as tmp:
         frame[[c for c in columns if c in frame]].to_csv(tmp, index=False, float_format="%.6g")
     return frame
+
+
+def advice_section(frame: pd.DataFrame, headline: str, claims: dict) -> str:
+    """`diffprune advise` on this study: each method's largest non-inferior ratio, and the
+    recommendation (diffprune.advise)."""
+    if headline not in frame:
+        return f"Recommendation: none ({headline} is in no run's metrics).\n"
+    text = advise.advice(
+        frame,
+        metric=headline,
+        higher_is_better=describe(headline)[2].startswith("higher"),
+        margin=claims["margin"],
+    )
+    return "Which data to drop (`diffprune advise`):\n\n```\n" + text + "```\n"
 
 
 def machines_text(frame: pd.DataFrame) -> str:

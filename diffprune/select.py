@@ -29,6 +29,14 @@ Rules (what each KEEPS):
   score (over all samples, not per cluster); <score>-inverse the lowest; <score>-mid the middle
   band of the score ranking (floor(r/2) lowest and the rest highest removed, as cluster-mid).
   Selection is by score value: sample order plays no part except to break ties.
+- semdedup (SemDeDup, Abbas et al. 2023, as its reference code does it): within each cluster,
+  members are ordered least prototypical first (ascending cosine similarity to the cluster's
+  centroid, the mean of its members' embeddings; ties by sample_id), and a member is removed when
+  its cosine similarity to any EARLIER member exceeds 1 - eps. So of each group of
+  near-duplicates the least prototypical one is kept. The similarity (the manifest's `score`,
+  NaN for a cluster's first member) does not depend on eps, so eps = select.semdedup_eps, or,
+  when that is null, the threshold is the (r+1)-th largest similarity with r = N - floor(N(1-p)):
+  exactly r removed when similarities do not tie there, fewer when they do.
 
 The manifest has one row per sample, sorted by sample_id, with columns sample_id (int64), keep
 (bool, True = kept for training), score (float64, NaN without scores), cluster (int64, -1 without
@@ -52,6 +60,7 @@ from diffprune.names import (
     BALANCED_ORDERS,
     CLUSTER_METHODS,
     FULL,
+    SEMDEDUP,
     Run,
     needs,
     score_of,
@@ -75,6 +84,9 @@ KEEPS = {
     "<score>-inverse": "the floor(N(1-p)) samples with the LOWEST score",
     "<score>-mid": "the middle of the score ranking: of the r removed, floor(r/2) lowest and "
     "the rest highest",
+    "semdedup": "per cluster, one of each group of near-duplicates (cosine similarity > 1 - eps "
+    "to an earlier member), the least prototypical (lowest similarity to the centroid); eps "
+    "from select.semdedup_eps or set so that about N - floor(N(1-p)) are removed",
 }
 
 MANIFEST_COLUMNS = ("sample_id", "keep", "score", "cluster", "distance")
@@ -150,6 +162,8 @@ def direction(method: str, *, balanced_order: str = "furthest") -> str:
         return "random"
     if method == "cluster-balanced":
         return balanced_order
+    if method == SEMDEDUP:
+        return "one per near-duplicate group, the least prototypical"
     if method.endswith("-mid"):
         return "middle"
     if method.startswith("cluster-"):
@@ -173,11 +187,14 @@ def select(
     scores: np.ndarray | None = None,
     seed: int = 0,
     balanced_order: str = "furthest",
+    embeddings: np.ndarray | None = None,
+    semdedup_eps: float | None = None,
 ) -> pd.DataFrame:
     """Apply a selection rule and return the prune manifest (see the module docstring).
 
-    `clusters` is a clusters table (sample_id, cluster, distance); `scores` is aligned with the
-    sorted sample ids (those of `clusters`, or 0..N-1). `n`, when given, must match the inputs.
+    `clusters` is a clusters table (sample_id, cluster, distance); `scores` and `embeddings`
+    (semdedup only) are aligned with the sorted sample ids (those of `clusters`, or 0..N-1). `n`,
+    when given, must match the inputs.
     """
     validate_method(method)
     ratio = validate_ratio(ratio)
@@ -190,13 +207,34 @@ def select(
     required = needs(method)
     if "clusters" in required and clusters is None:
         raise ConfigError(f"method {method!r} needs clusters (run k-means on the embeddings)")
-    if required - {"clusters"} and scores is None:
+    if required - {"clusters", "embeddings"} and scores is None:
         raise ConfigError(f"method {method!r} needs scores ({required.pop()})")
     if n is None and clusters is None and scores is None:
         raise ConfigError(f"method {method!r} needs the number of samples n (or clusters/scores)")
 
     manifest = _evidence(n, clusters, scores)
     keep_fraction = 1 - Fraction(str(ratio))
+    if method == SEMDEDUP:
+        manifest["score"] = semdedup_similarity(
+            manifest, _semdedup_embeddings(embeddings, len(manifest))
+        )
+        threshold = semdedup_threshold(manifest["score"].to_numpy(), ratio, semdedup_eps)
+        manifest["keep"] = ~(manifest["score"].to_numpy() > threshold)  # NaN (first) is kept
+        sizes = np.unique(manifest["cluster"], return_counts=True)[1]
+    else:
+        manifest["keep"], sizes = _rank_keep(method, manifest, keep_fraction, seed, balanced_order)
+
+    n_kept = int(manifest["keep"].sum())
+    if n_kept == 0:
+        raise ConfigError(_nothing_kept(method, ratio, sizes))
+    log.info("%s at ratio %g keeps %d of %d samples", method, ratio, n_kept, len(manifest))
+    return manifest[list(MANIFEST_COLUMNS)]
+
+
+def _rank_keep(
+    method: str, manifest: pd.DataFrame, keep_fraction: Fraction, seed: int, balanced_order: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keep mask of a ranking rule (all but semdedup), and its group sizes."""
     # Cluster rules act within each cluster, the others on all samples as one group.
     if method in CLUSTER_METHODS:
         groups = manifest["cluster"].to_numpy()
@@ -210,15 +248,78 @@ def select(
     else:
         kept = np.array([_floor(size, keep_fraction) for size in sizes], dtype=np.int64)
     skip = (sizes - kept) // 2 if method.endswith("-mid") else np.zeros_like(kept)
-    manifest["keep"] = _keep_ranks(
-        groups, sizes, key, _tiebreak(method, manifest, seed), skip, kept
-    )
+    tiebreak = _tiebreak(method, manifest, seed)
+    return _keep_ranks(groups, sizes, key, tiebreak, skip, kept), sizes
 
-    n_kept = int(manifest["keep"].sum())
-    if n_kept == 0:
-        raise ConfigError(_nothing_kept(method, ratio, sizes))
-    log.info("%s at ratio %g keeps %d of %d samples", method, ratio, n_kept, len(manifest))
-    return manifest[list(MANIFEST_COLUMNS)]
+
+def _semdedup_embeddings(embeddings: np.ndarray | None, n: int) -> np.ndarray:
+    """semdedup's embeddings: finite (N, D) rows in sample_id order, none all zeros."""
+    if embeddings is None:
+        raise ConfigError("method 'semdedup' needs the embeddings (cosine similarities)")
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or len(x) != n or not np.issubdtype(x.dtype, np.floating):
+        raise DataError(
+            f"semdedup needs float embeddings of shape (N={n}, D), got {x.dtype} {x.shape}"
+        )
+    x = x.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    if not np.isfinite(x).all() or (norms == 0).any():
+        raise DataError("semdedup embeddings must be finite and no row all zeros (cosine)")
+    return x
+
+
+def semdedup_similarity(manifest: pd.DataFrame, embeddings: np.ndarray) -> np.ndarray:
+    """Per sample, the largest cosine similarity to an EARLIER member of its cluster, members
+    ordered least prototypical first (ascending cosine similarity to the centroid, the mean of
+    the members' embeddings; ties by sample_id); NaN for each cluster's first member.
+
+    `embeddings` rows are aligned with `manifest` (sorted by sample_id).
+    """
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    clusters, sample_id = manifest["cluster"].to_numpy(), manifest["sample_id"].to_numpy()
+    result = np.full(len(unit), np.nan)
+    for cluster in np.unique(clusters):
+        members = np.flatnonzero(clusters == cluster)
+        centroid = embeddings[members].mean(axis=0)
+        centroid /= max(float(np.linalg.norm(centroid)), np.finfo(np.float64).tiny)
+        order = members[np.lexsort((sample_id[members], unit[members] @ centroid))]
+        result[order] = _max_earlier_similarity(unit[order])
+    return result
+
+
+def _max_earlier_similarity(x: np.ndarray, block: int = 1024) -> np.ndarray:
+    """max_{i<j} x_i . x_j for every row j (NaN for j = 0), in row blocks to bound memory."""
+    best = np.full(len(x), np.nan)
+    for start in range(0, len(x), block):
+        stop = min(start + block, len(x))
+        sim = x[start:stop] @ x[:stop].T
+        sim[np.arange(start, stop)[:, None] <= np.arange(stop)[None, :]] = -np.inf
+        best[start:stop] = sim.max(axis=1)
+    best[0] = np.nan
+    return best
+
+
+def semdedup_threshold(similarity: np.ndarray, ratio: float, eps: float | None) -> float:
+    """Cosine threshold above which semdedup removes: 1 - eps, or, with eps None, the
+    (r+1)-th largest similarity, r = N - floor(N(1-p)) (-inf: remove every non-first member)."""
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps <= 2:
+            raise ConfigError(
+                f"select.semdedup_eps must be null or a number in [0, 2], got {eps!r}"
+            )
+        return 1.0 - float(eps)
+    removed = len(similarity) - _floor(len(similarity), 1 - Fraction(str(ratio)))
+    ordered = np.sort(similarity[~np.isnan(similarity)])[::-1]
+    return float(ordered[removed]) if removed < len(ordered) else -math.inf
+
+
+def semdedup_record(manifest: pd.DataFrame, ratio: float, eps: float | None) -> dict[str, Any]:
+    """The sidecar's semdedup keys: eps as given and the threshold used (None for -inf)."""
+    threshold = semdedup_threshold(manifest["score"].to_numpy(), ratio, eps)
+    return {
+        "semdedup_eps": eps,
+        "semdedup_threshold": threshold if math.isfinite(threshold) else None,
+    }
 
 
 def _nothing_kept(method: str, ratio: float, sizes: np.ndarray) -> str:

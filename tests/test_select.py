@@ -256,7 +256,9 @@ def test_manifest_format():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_byte_identical_manifests(method, tmp_path):
-    inputs = {"clusters": make_clusters(), "scores": np.random.default_rng(0).normal(size=N)}
+    rng = np.random.default_rng(0)
+    inputs = {"clusters": make_clusters(), "scores": rng.normal(size=N)}
+    inputs["embeddings"] = rng.normal(size=(N, 8)).astype(np.float32)
     for name in ("a", "b"):
         save_parquet(tmp_path / f"{name}.parquet", select(method, 0.5, seed=7, **inputs))
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
@@ -274,11 +276,12 @@ def test_manifest_summary():
 
 
 def test_needs_and_direction():
-    assert len(METHODS) == 1 + 5 + 4 * 3
+    assert len(METHODS) == 1 + 5 + 4 * 3 + 1
     assert needs("random") == set()
     assert needs("cluster-mid") == {"clusters"}
     assert needs("forgetting-inverse") == {"scores:forgetting"}
     assert needs("moso-mid") == {"scores:moso"}
+    assert needs("semdedup") == {"clusters", "embeddings"}
     assert direction("cluster-furthest") == "furthest"
     assert direction("cluster-balanced", balanced_order="nearest") == "nearest"
     assert direction("el2n") == "highest" and direction("el2n-inverse") == "lowest"

@@ -44,7 +44,8 @@ def store_files(split):
 
 
 def selection_inputs(wildcards):
-    """What a run's selection reads: clusters for cluster rules, a score file for score rules."""
+    """What a run's selection reads: clusters for cluster rules (and the embeddings for
+    semdedup), a score file for score rules."""
     inputs = {"index": paths.store_index("train")}
     method = Run.parse(wildcards.run).method
     for need in () if method == FULL else needs(method):
@@ -52,6 +53,8 @@ def selection_inputs(wildcards):
             inputs["clusters"] = paths.clusters()
             inputs["clusters_meta"] = paths.clusters_meta()
             inputs["embeddings_meta"] = paths.embeddings_meta()
+        elif need == "embeddings":
+            inputs["embeddings"] = paths.embeddings()
         else:
             score = need.removeprefix("scores:")
             inputs["scores"] = paths.scores(score)
