@@ -38,6 +38,7 @@ from diffprune.diffusion import (
     per_sample_loss,
     resolve_config,
 )
+from diffprune.ema import ema_decay, update_ema
 from diffprune.errors import ConfigError, DataError
 from diffprune.model_folder import save_model
 from diffprune.status import OK
@@ -313,7 +314,7 @@ def _train_step(state: _State, forward: Callable, batch: dict, step: int) -> Non
     state.optimizer.zero_grad(set_to_none=True)
     state.accelerator.backward(loss)
     state.optimizer.step()
-    _update_ema(state.ema, state.raw_model, decay=_ema_decay(state.cfg, step))
+    update_ema(state.ema, state.raw_model, decay=ema_decay(state.cfg, step))
     state.running += loss.detach()
     state.count += 1
 
@@ -389,25 +390,6 @@ def _run_key(
         num_classes=num_classes,
         num_processes=num_processes,
     )
-
-
-def _ema_decay(cfg: dict, step: int) -> float:
-    """cfg["ema_decay"] with diffusers EMAModel's default warm-up, (1 + step) / (10 + step): early
-    weights fade quickly, which matters for short runs (a 0.995 EMA over 400 steps would
-    otherwise still carry the untrained start)."""
-    return min(cfg["ema_decay"], (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, *, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model, in two multi-tensor kernels (as torch.optim's
-    foreach paths): a per-parameter loop would launch two GPU kernels per tensor every step."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
-    if len(ema_params) != len(params):
-        raise ValueError(f"EMA has {len(ema_params)} parameter tensors, the model {len(params)}")
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
 def _rng_state() -> dict:

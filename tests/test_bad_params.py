@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from diffprune import config
+from diffprune import config, config_devices
 from diffprune.config import load_params, metric_names, validate_params
 from diffprune.errors import ConfigError
 from diffprune.metrics import PR_K
@@ -150,7 +150,7 @@ CASES = [
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch):
     """Validate as on a machine without CUDA, whatever this one has."""
-    monkeypatch.setattr(config, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(config_devices, "_cuda_devices", lambda: 0)
 
 
 def shown_value(value) -> list[str]:
@@ -190,7 +190,7 @@ def test_yaml_syntax_error_names_line_column_and_problem(tmp_path):
 
 
 def test_cuda_devices_beyond_the_visible_are_refused(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_devices", lambda: 1)
+    monkeypatch.setattr(config_devices, "_cuda_devices", lambda: 1)
     cuda = with_changes({"train.device": "cuda", "embed.device": "cuda:0"})
     validate_params(cuda, check_cuda=True)
     with pytest.raises(ConfigError, match=r"embed.device = 'cuda:1': only 1 CUDA device\(s\)"):
@@ -204,7 +204,7 @@ def probe():
 def test_cuda_is_probed_only_when_a_device_asks_for_it_and_the_caller_too(monkeypatch, tmp_path):
     """load_params checks by default; validate_params (Snakemake's parse, dry runs and cluster
     submission included) only when asked; neither probes without a cuda device."""
-    monkeypatch.setattr(config, "_cuda_devices", probe)
+    monkeypatch.setattr(config_devices, "_cuda_devices", probe)
     load_params("params.yaml")
     validate_params(with_changes({"train.device": "cuda"}))
     path = tmp_path / "params.yaml"
@@ -265,7 +265,7 @@ def test_each_default_is_written_once_in_the_schema_and_used_by_the_library():
     for module in (config, diffusion, autoencoder, scores, train):
         assert not [n for n in vars(module) if n.endswith("DEFAULTS")], module.__name__
     assert defaults.defaults("scores") == {
-        "el2n_draws": 1, "timestep": 15, "weights": "ema", "num_workers": "auto",
+        "el2n_draws": 1, "timestep": 15, "weights": "ema", "num_workers": "auto", "shards": 1,
     }  # fmt: skip
     partial = {k: v for k, v in diffusion.resolve_config(TINY_TRAIN).items() if k in TINY_TRAIN}
     assert partial == TINY_TRAIN

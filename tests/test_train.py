@@ -18,11 +18,12 @@ from diffprune.checkpoints import array_sha256
 from diffprune.config import load_params, validate_params
 from diffprune.data import load_store, to_model_input
 from diffprune.diffusion import build_model, build_scheduler, draw, null_label, per_sample_loss
+from diffprune.ema import ema_decay, update_ema
 from diffprune.errors import ConfigError, DataError, TrainingDiverged
 from diffprune.launch import accelerate_command, is_main
 from diffprune.model_folder import load_model, save_model
 from diffprune.status import write_failed_model
-from diffprune.train import CHECKPOINT, _ema_decay, _update_ema, train
+from diffprune.train import CHECKPOINT, train
 from diffprune.train_data import batch_labels
 from tests.conftest import TINY_UNET
 from tests.test_faults import REPO, WEIGHTS, finish, training_pid
@@ -475,10 +476,10 @@ class OneWeight(torch.nn.Module):
 
 def test_ema_update_moves_the_average_a_share_of_one_minus_decay_towards_the_weights():
     ema, model = OneWeight(2.0), OneWeight(4.0)
-    _update_ema(ema, model, decay=0.75)
+    update_ema(ema, model, decay=0.75)
     assert ema.w.item() == 2.5  # 0.75 * 2 + 0.25 * 4 (the other way round would give 3.5)
     assert model.w.item() == 4.0  # the trained weights are left alone
-    _update_ema(ema, model, decay=0.5)
+    update_ema(ema, model, decay=0.5)
     assert ema.w.item() == 3.25
 
 
@@ -487,7 +488,7 @@ def test_ema_update_moves_the_average_a_share_of_one_minus_decay_towards_the_wei
     [(0, 1 / 10), (1, 2 / 11), (10, 11 / 20), (1000, 1001 / 1010), (1990, 0.995), (10**6, 0.995)],
 )
 def test_ema_decay_warms_up_as_diffusers_then_stays_at_the_configured_decay(step, decay):
-    assert _ema_decay({"ema_decay": 0.995}, step) == pytest.approx(decay, rel=1e-12)
+    assert ema_decay({"ema_decay": 0.995}, step) == pytest.approx(decay, rel=1e-12)
 
 
 def test_trained_model_is_the_ema_of_the_raw_weights_of_every_step(tmp_path):
