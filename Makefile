@@ -63,8 +63,10 @@ slurm-up:  ## start a one-node SLURM cluster here (root + apt): for workflow/pro
 slurm-down:  ## stop the daemons that `make slurm-up` started
 	tests/slurm/cluster.sh down
 
+# One pytest worker per core, each test file on one worker (its module fixtures built once):
+# one pytest process kept the load near 1 on 2 cores (most tests wait on a subprocess).
 test: setup  ## run the test suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: setup  ## ruff + snakemake --lint
 	$(BIN)/ruff check diffprune tests workflow/scripts
