@@ -543,7 +543,9 @@ def test_report_script_reproduces_the_committed_claims_from_the_committed_metric
     report_metrics = list(dict.fromkeys([cfg["metric"], *cfg["metrics"]]))
     out = tmp_path / "results"
     smk = fake_snakemake(
-        input=files(metrics=metrics, grids=grids, skew=results / "skew" / "skew.csv"),
+        input=files(
+            metrics=metrics, grids=grids, skew=results / "skew" / "skew.csv", clusters_meta=[]
+        ),
         output=files(
             tables=[out / "tables" / f"{m}.{ext}" for ext in ("csv", "md") for m in report_metrics],
             plots=[out / "plots" / f"{m}.png" for m in report_metrics],

@@ -172,8 +172,8 @@ def test_dvc_repro_rebuilds_the_same_bytes(study):
     before = manifest.read_bytes()
     manifest.unlink()
     # --force: run the stage's command (Snakemake) rather than restore the cached output.
-    out = dvc(study, "repro", "--force", "--single-item", "select_cluster-furthest_r0p5_s0").stdout
-    assert "Running stage 'select_cluster-furthest_r0p5_s0'" in out
+    out = dvc(study, "repro", "--force", "--single-item", "select_cluster-furthest_r0p5").stdout
+    assert "Running stage 'select_cluster-furthest_r0p5'" in out
     assert manifest.read_bytes() == before
 
 

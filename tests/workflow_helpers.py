@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
 
+FIXED_DATE = "2026-01-01T00:00:00+00:00"
 TINY = {
     "data": {"train_size": 120, "test_size": 60},
     "embed": {"image_size": 32, "batch_size": 64},
@@ -74,7 +75,9 @@ def make_project(root: Path, params: dict) -> Path:
         ["git", "add", "-A"],
         ["git", "commit", "-qm", "study definition"],
     ):
-        run(cmd, root)
+        # fixed dates: two projects of the same files have the same commit, so the code version
+        # that artifacts record (io.code_version) is the same too
+        run(cmd, root, env={"GIT_AUTHOR_DATE": FIXED_DATE, "GIT_COMMITTER_DATE": FIXED_DATE})
     return root
 
 
@@ -87,8 +90,11 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(cmd: list[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+def run(
+    cmd: list[str], cwd: Path, *, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**ENV, **(env or {})}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
