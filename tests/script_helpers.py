@@ -16,6 +16,7 @@ import runpy
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,3 +149,12 @@ def locked_elsewhere(directory: Path) -> Iterator[int]:
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
+
+
+def wait_for(condition, *, timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)

@@ -304,23 +304,8 @@ def test_inits_start_differently_and_are_seeded(init):
 @pytest.mark.parametrize("init", ["afk-mc2", "k-means++"])
 def test_cluster_script_records_init_backend_and_machine(tmp_path, init):
     x, _ = blobs(n_per=20)
-    io.save_npy(tmp_path / "embeddings.npy", x.astype(np.float32))
-    io.save_json(tmp_path / "embeddings.json", {"model": "blobs"})
     cfg = {"k": 3, "iterations": 20, "seed": 4, "init": init, "device": "cpu"}
-    smk = fake_snakemake(
-        input=files(
-            embeddings=tmp_path / "embeddings.npy", embeddings_meta=tmp_path / "embeddings.json"
-        ),
-        output=files(
-            clusters=tmp_path / "clusters.parquet",
-            centroids=tmp_path / "centroids.npy",
-            meta=tmp_path / "clusters.json",
-        ),
-        params={"cluster": cfg},
-        log=tmp_path / "cluster.log",
-    )
-    run_script("cluster", smk)
-    meta = io.load_json(tmp_path / "clusters.json")
+    meta = cluster_script(tmp_path, x, cfg)
     assert meta["init"] == init and meta["backend"] == "float64"
     assert meta["fit_points"] == 60 and meta["fit_on_all_points"] is True
     assert 1 <= meta["iterations_run"] <= 20
@@ -475,23 +460,8 @@ def test_nan_outside_the_fit_sample_names_its_row_in_the_file(tmp_path):
 
 def test_cluster_script_records_the_fit_sample(tmp_path):
     x, _ = blobs(n_per=20)
-    io.save_npy(tmp_path / "embeddings.npy", x.astype(np.float32))
-    io.save_json(tmp_path / "embeddings.json", {"model": "blobs"})
     cfg = {"k": 3, "iterations": 20, "seed": 4, "device": "cpu", "fit_size": 30}
-    smk = fake_snakemake(
-        input=files(
-            embeddings=tmp_path / "embeddings.npy", embeddings_meta=tmp_path / "embeddings.json"
-        ),
-        output=files(
-            clusters=tmp_path / "clusters.parquet",
-            centroids=tmp_path / "centroids.npy",
-            meta=tmp_path / "clusters.json",
-        ),
-        params={"cluster": cfg},
-        log=tmp_path / "cluster.log",
-    )
-    run_script("cluster", smk)
-    meta = io.load_json(tmp_path / "clusters.json")
+    meta = cluster_script(tmp_path, x, cfg)
     assert meta["fit_points"] == 30 and meta["fit_on_all_points"] is False
     expected = kmeans(x, k=3, iterations=20, seed=4, device="cpu", fit_size=30)
     pd.testing.assert_frame_equal(
@@ -516,3 +486,23 @@ def test_bench_fit_size_rows_have_the_table_columns(tmp_path, monkeypatch, memor
     assert bench.rows_that_fit(10**7, 384, free_bytes=20 * 2**30, reserve=2**30) == 10**7
     # 9 GiB left after the reserve hold 6,291,456 rows of 384 float32 (1,536 bytes)
     assert bench.rows_that_fit(10**7, 384, free_bytes=10 * 2**30, reserve=2**30) == 6_291_456
+
+
+def cluster_script(tmp_path, x: np.ndarray, cfg: dict) -> dict:
+    """workflow/scripts/cluster.py on embeddings `x` with params cluster = `cfg`: clusters.json."""
+    io.save_npy(tmp_path / "embeddings.npy", x.astype(np.float32))
+    io.save_json(tmp_path / "embeddings.json", {"model": "blobs"})
+    smk = fake_snakemake(
+        input=files(
+            embeddings=tmp_path / "embeddings.npy", embeddings_meta=tmp_path / "embeddings.json"
+        ),
+        output=files(
+            clusters=tmp_path / "clusters.parquet",
+            centroids=tmp_path / "centroids.npy",
+            meta=tmp_path / "clusters.json",
+        ),
+        params={"cluster": cfg},
+        log=tmp_path / "cluster.log",
+    )
+    run_script("cluster", smk)
+    return io.load_json(tmp_path / "clusters.json")

@@ -95,7 +95,7 @@ from diffprune.report import collect, table
 from diffprune.select import full_manifest
 from diffprune.surrogate import train_moso_surrogates, train_surrogate
 from diffprune.train import train
-from tests.script_helpers import fake_snakemake, files, locked_elsewhere, run_script
+from tests.script_helpers import fake_snakemake, files, locked_elsewhere, run_script, wait_for
 from tests.test_bad_params import CASES, shown_value, with_changes
 from tests.test_scripts import PARAMS, write_store
 from tests.workflow_helpers import ENV, REPO
@@ -425,14 +425,6 @@ def snakemake(project: Path, target: str, *args: str) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def wait_for(condition, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:

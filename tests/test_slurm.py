@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from diffprune import paths
+from tests.script_helpers import wait_for
 from tests.workflow_helpers import BIN, ENV, REPO, make_project, run, tiny_params
 
 pytestmark = pytest.mark.slurm
@@ -99,14 +100,6 @@ def project(root: Path) -> Path:
     make_project(root, tiny_params())
     (root / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
     return root
-
-
-def wait_for(condition, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def accounting(root: Path, since: str) -> list[dict]:
