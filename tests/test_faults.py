@@ -529,7 +529,8 @@ def orphan_stops(child: str, marker: Path) -> tuple[int, str]:
         ],
         env=ENV,
     )
-    wait_for(marker.exists, timeout=60, what="the child to start")
+    # content, not existence: write_text creates the file empty before it writes
+    wait_for(lambda: marker.exists() and marker.read_text(), timeout=60, what="the child to start")
     written = marker.read_text()
     parent.send_signal(signal.SIGKILL)
     parent.wait()
