@@ -64,9 +64,10 @@ slurm-down:  ## stop the daemons that `make slurm-up` started
 	tests/slurm/cluster.sh down
 
 # One pytest worker per core, each test file on one worker (its module fixtures built once):
-# one pytest process kept the load near 1 on 2 cores (most tests wait on a subprocess).
+# one pytest process kept the load near 1 on 2 cores (most tests wait on a subprocess). The
+# longest files go first (tests/conftest.py: LONGEST_FIRST), not the files with most tests.
 test: setup  ## run the test suite
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 lint: setup  ## ruff + snakemake --lint
 	$(BIN)/ruff check diffprune tests workflow/scripts

@@ -12,6 +12,25 @@ from threadpoolctl import threadpool_limits
 torch.set_num_threads(1)
 threadpool_limits(1)
 
+# The files that run tiny studies, longest first (pytest --durations=25; docs/benchmarks.md). With
+# one file per worker (`make test`: --dist loadfile --no-loadscope-reorder) the longest start
+# first, so none of them is left running alone at the end while the other cores idle.
+LONGEST_FIRST = (
+    "test_workflow.py",
+    "test_slurm.py",
+    "test_remote.py",
+    "test_latent_workflow.py",
+    "test_train.py",
+    "test_faults.py",
+    "test_dvc_agreement.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: others keep order
+
+
 # A two-level UNet on 8 x 8 images, a few steps of DDPM on the CPU: the unit tests' diffusion model.
 TINY_UNET = {
     "model": "unet2d",
