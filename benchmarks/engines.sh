@@ -4,7 +4,9 @@
 #   dvc repro               (make dvc-repro's first command)
 # Writes results/bench/engines.md (wall times, their ratio, machine, commit) and compares the
 # two runs' metrics files, timing keys left out. Needs .venv (make setup); takes about 30 min on
-# 2 cores. Usage: benchmarks/engines.sh [COMMIT] (default HEAD)
+# 2 cores. Usage: benchmarks/engines.sh [COMMIT] (default HEAD). With RECORD=1 the dvc repro
+# run's dvc.lock and results/ (all but results/bench) replace this checkout's: what to commit
+# when code the results depend on changed (tests/test_lock.py checks they agree).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 commit=$(git -C "$repo" rev-parse "${1:-HEAD}")
@@ -53,4 +55,10 @@ Fresh clones of commit ${commit:0:7}, one after the other, on $(nproc) cores ($c
 Metrics files with the same numbers in both runs (keys with "seconds" left out): $same.
 EOF
 cat "$repo/results/bench/engines.md"
+if [ "${RECORD:-0}" = 1 ]; then
+  find "$repo/results" -mindepth 1 -maxdepth 1 ! -name bench -exec rm -rf {} +
+  (cd "$work/dvc/results" && find . -mindepth 1 -maxdepth 1 ! -name bench -exec cp -a {} "$repo/results/" \;)
+  cp "$work/dvc/dvc.lock" "$repo/dvc.lock"
+  echo "recorded: dvc.lock and results/ of the dvc repro run"
+fi
 rm -rf "$work"

@@ -272,12 +272,17 @@ def stage_name(group: tuple[Job, ...]) -> str:
 
 
 def command(group: tuple[Job, ...]) -> str:
-    """Snakemake runs exactly these jobs (forced: DVC decided the stage is out of date)."""
-    mode = SEEDS if len(group) > 1 else ONE_JOB
+    """Snakemake runs exactly these jobs (forced: DVC decided the stage is out of date).
+
+    A stage of one job gets all cores. A stage of seeds gets one core per seed, even beyond the
+    machine's count: its jobs take one thread each (SMALL_JOB_THREADS), so all of them run at
+    once and the OS shares the cores, as in a Snakemake run, where other stages' jobs fill the
+    cores. With `--cores all` three seeds on two cores ran two, then one beside an idle core."""
+    mode, cores = (SEEDS, str(len(group))) if len(group) > 1 else (ONE_JOB, "all")
     targets = [shlex.quote(job.outputs[0]) for job in group]
     return " ".join(
         [
-            f"{RUN_ENV}={mode} snakemake --cores all --quiet rules --force --allowed-rules",
+            f"{RUN_ENV}={mode} snakemake --cores {cores} --quiet rules --force --allowed-rules",
             group[0].rule,
             "--",
             *targets,

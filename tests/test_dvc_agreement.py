@@ -97,6 +97,8 @@ def test_one_stage_per_job_or_per_seeds_with_exactly_what_they_read(stages, jobs
         assert set(stage["deps"]) == {script, *code, *(f for job in group for f in job["input"])}
         words = shlex.split(stage["cmd"])
         assert words[0] == f"{RUN_ENV}={SEEDS if len(group) > 1 else ONE_JOB}", name
+        # seeds side by side, one single-thread job per core asked for
+        assert words[words.index("--cores") + 1] == (str(len(group)) if len(group) > 1 else "all")
         assert words[-len(group) - 2 : -len(group)] == [rule, "--"]
         assert sorted(words[-len(group) :]) == sorted(job["output"][0] for job in group)
     assert len(members["train_full"]) == len(TINY["study"]["seeds"]) > 1

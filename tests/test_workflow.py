@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from diffprune import paths
+from diffprune.dvc_yaml import RUN_ENV, SEEDS
 from tests.workflow_helpers import (
     TINY,
     dvc,
@@ -180,12 +182,14 @@ def test_dvc_repro_rebuilds_the_same_bytes(study):
 
 def test_seeds_of_a_stage_run_side_by_side_in_dvc(study):
     """With two seeds, `select_random_r0p5` is one stage that hands Snakemake both jobs, one core
-    each: seed 0 comes out with the bytes Snakemake wrote, seed 1 with its own."""
+    each (`--cores 2`): seed 0 comes out with the bytes Snakemake wrote, seed 1 with its own."""
     manifests = [study / paths.manifest("random_r0.5", seed) for seed in (0, 1)]
     before = manifests[0].read_bytes()
     write_params(study, STUDY | {"study": {**STUDY["study"], "seeds": [0, 1]}})
     generate_dvc_yaml(study)
     try:
+        stage = yaml.safe_load((study / "dvc.yaml").read_text())["stages"]["select_random_r0p5"]
+        assert f"{RUN_ENV}={SEEDS} snakemake --cores 2 " in stage["cmd"]
         out = dvc(study, "repro", "--single-item", "select_random_r0p5").stdout
     finally:
         write_params(study, STUDY)
